@@ -1,0 +1,26 @@
+# The two set-up commands of the README.  Both install into .venv first
+# (tools/install.sh: idempotent, reuses a cached mmcv wheel when present).
+PY      := .venv/bin/python
+DATA    := data/synthetic_refer
+DEMO    := work_dirs/demo
+DEMO_CFG := configs/sera/sera_tiny_synthetic-112x112.py
+PYTEST_ARGS ?=
+
+.PHONY: install test demo clean-demo
+
+install:
+	bash tools/install.sh
+
+test: install
+	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+$(DATA)/refcoco/instances.json: | install
+	$(PY) tools/data/make_synthetic_refer.py --out $(DATA)
+
+demo: install $(DATA)/refcoco/instances.json
+	$(PY) tools/train.py $(DEMO_CFG) --work-dir $(DEMO)
+	$(PY) tools/test.py $(DEMO_CFG) $$(cat $(DEMO)/last_checkpoint) --work-dir $(DEMO) \
+	    --show-dir $(DEMO)/overlays --out $(DEMO)
+
+clean-demo:
+	rm -rf $(DEMO)

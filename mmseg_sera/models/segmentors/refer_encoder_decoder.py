@@ -1,0 +1,213 @@
+"""Segmentor for referring image segmentation: one image + one sentence ->
+one binary mask."""
+import inspect
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch.nn as nn
+from mmengine.structures import PixelData
+from mmseg.models.segmentors.base import BaseSegmentor
+from mmseg.models.utils import resize
+from mmseg.registry import MODELS
+from mmseg.utils import ConfigType, OptConfigType, OptMultiConfig, SampleList
+from torch import Tensor
+
+from ..structures import BackboneOutput, NeckOutput, TextFeatures, merge_losses
+
+
+def _takes_text(module: nn.Module) -> bool:
+    """Whether ``module.forward`` has a ``text`` parameter (our components do;
+    stock mmseg necks and backbones do not)."""
+    return 'text' in inspect.signature(module.forward).parameters
+
+
+@MODELS.register_module()
+class ReferringEncoderDecoder(BaseSegmentor):
+    """Text encoder + backbone (+ neck) + head, per-sample sentences.
+
+    The sentence of each sample is read from ``data_sample.metainfo['text']``
+    and travels through the model as an argument (:class:`TextFeatures`).
+    Auxiliary losses (MoE regularisers) come back as values from the
+    backbone's adapters and the neck and are added in :meth:`loss` only.
+
+    Call graph::
+
+        loss(inputs, data_samples)                  training
+         ├─ extract_feat(inputs, texts)
+         │   ├─ text_encoder(texts)          -> TextFeatures
+         │   ├─ backbone.forward_features()  -> BackboneOutput (maps, routing,
+         │   │                                  aux losses)
+         │   └─ neck(feats, text)            -> NeckOutput (maps, aux losses,
+         │                                      routing)
+         └─ decode_head.loss(feats, text, data_samples)  loss_mask, loss_dice
+            + backbone/neck aux losses                    loss_moe_*
+
+        predict(inputs, data_samples)               validation / test
+         ├─ encode_decode(inputs, metas)  -> B x 1 x H x W logits at the
+         │                                   (padded) input size
+         └─ postprocess_result()          -> seg_logits (sigmoid) and
+                                             pred_sem_seg (> threshold) at
+                                             ori_shape, padding removed
+
+        _forward(inputs, data_samples)              tensor mode
+         └─ extract_feat() -> decode_head.forward()  raw B x 1 x h' x w'
+                                                      logits (stride 4)
+
+    ``predict`` and ``_forward`` run the same network; ``predict`` only adds
+    resizing and thresholding (``decode_head.threshold``).
+
+    Args:
+        backbone: image encoder config; ``forward_features(x, text)`` is
+            used when present (our ``DINOv2``), else ``forward(x)``.
+        text_encoder: sentence encoder config (``OpenCLIPTextEncoder``).
+        decode_head: head config with ``forward(feats, text)``,
+            ``loss(...)`` and ``predict(...)`` (``ReferHead``).
+        neck: optional neck; text-aware necks return :class:`NeckOutput`,
+            stock mmseg necks a tuple of maps.
+        train_cfg, test_cfg: passed to the head.
+        data_preprocessor: usually ``SegDataPreProcessor`` with CLIP
+            mean/std and ``size_divisor=14``.
+    """
+
+    def __init__(self,
+                 backbone: ConfigType,
+                 text_encoder: ConfigType,
+                 decode_head: ConfigType,
+                 neck: OptConfigType = None,
+                 train_cfg: OptConfigType = None,
+                 test_cfg: OptConfigType = None,
+                 data_preprocessor: OptConfigType = None,
+                 pretrained: Optional[str] = None,
+                 init_cfg: OptMultiConfig = None):
+        super().__init__(
+            data_preprocessor=data_preprocessor, init_cfg=init_cfg)
+        if pretrained is not None:
+            backbone = dict(backbone)
+            backbone['init_cfg'] = dict(type='Pretrained', checkpoint=pretrained)
+        self.text_encoder = MODELS.build(text_encoder)
+        self.backbone = MODELS.build(backbone)
+        self.neck = MODELS.build(neck) if neck is not None else None
+        self.decode_head = MODELS.build(decode_head)
+        self.align_corners = getattr(self.decode_head, 'align_corners', False)
+        self.num_classes = getattr(self.decode_head, 'num_classes', 2)
+        self.out_channels = getattr(self.decode_head, 'out_channels', 1)
+        self.train_cfg = train_cfg
+        self.test_cfg = test_cfg
+        self._backbone_takes_text = _takes_text(self.backbone)
+        self._neck_takes_text = self.neck is not None and _takes_text(
+            self.neck)
+
+    # ------------------------------------------------------------------
+    @staticmethod
+    def texts_of(metas: Sequence) -> List[str]:
+        """Sentences of a batch, from data samples or metainfo dicts."""
+        texts = []
+        for i, meta in enumerate(metas):
+            meta = meta.metainfo if hasattr(meta, 'metainfo') else meta
+            if 'text' not in meta:
+                raise KeyError(
+                    f'sample {i} has no "text" in its metainfo: a referring '
+                    'segmentor needs the sentence (PackReferSegInputs puts it '
+                    'there)')
+            texts.append(meta['text'])
+        return texts
+
+    def extract_feat(self, inputs: Tensor, texts: Sequence[str]
+                     ) -> Tuple[TextFeatures, BackboneOutput, NeckOutput]:
+        """Encode the sentences and the images and fuse them.
+
+        Args:
+            inputs: B x 3 x H x W normalised images.
+            texts: B sentences.
+        """
+        text = self.text_encoder(list(texts))
+        if hasattr(self.backbone, 'forward_features'):
+            bb = self.backbone.forward_features(inputs, text=text)
+        else:
+            feats = (self.backbone(inputs, text=text)
+                     if self._backbone_takes_text else self.backbone(inputs))
+            bb = BackboneOutput(feats=tuple(feats))
+        if self.neck is None:
+            neck_out = NeckOutput(feats=bb.feats)
+        else:
+            out = (self.neck(bb.feats, text=text)
+                   if self._neck_takes_text else self.neck(bb.feats))
+            neck_out = out if isinstance(out, NeckOutput) else NeckOutput(
+                feats=tuple(out))
+        return text, bb, neck_out
+
+    def encode_decode(self, inputs: Tensor, batch_img_metas: List[dict]
+                      ) -> Tensor:
+        """B x 1 x H x W logits at the size of ``inputs``."""
+        text, _, neck_out = self.extract_feat(inputs,
+                                              self.texts_of(batch_img_metas))
+        return self.decode_head.predict(neck_out.feats, text, batch_img_metas,
+                                        self.test_cfg)
+
+    def loss(self, inputs: Tensor, data_samples: SampleList) -> Dict[str,
+                                                                     Tensor]:
+        text, bb, neck_out = self.extract_feat(inputs,
+                                               self.texts_of(data_samples))
+        losses = self.decode_head.loss(neck_out.feats, text, data_samples,
+                                       self.train_cfg)
+        aux = merge_losses(bb.aux_losses, neck_out.aux_losses)
+        clash = set(aux) & set(losses)
+        if clash:
+            raise KeyError(f'auxiliary losses clash with head losses: {clash}')
+        losses.update(aux)
+        return losses
+
+    def predict(self, inputs: Tensor,
+                data_samples: Optional[SampleList] = None) -> SampleList:
+        if data_samples is None:
+            raise ValueError('predict needs data samples carrying the '
+                             'sentences (metainfo["text"])')
+        metas = [ds.metainfo for ds in data_samples]
+        logits = self.encode_decode(inputs, metas)
+        return self.postprocess_result(logits, data_samples)
+
+    def _forward(self, inputs: Tensor,
+                 data_samples: Optional[SampleList] = None) -> Tensor:
+        if data_samples is None:
+            raise ValueError('tensor mode needs data samples carrying the '
+                             'sentences (metainfo["text"])')
+        text, _, neck_out = self.extract_feat(inputs,
+                                              self.texts_of(data_samples))
+        return self.decode_head.forward(neck_out.feats, text)
+
+    def postprocess_result(self, seg_logits: Tensor,
+                           data_samples: SampleList) -> SampleList:
+        """Remove batch padding and letterbox padding, resize to
+        ``ori_shape``, then ``seg_logits`` = sigmoid, ``pred_sem_seg`` =
+        sigmoid > ``decode_head.threshold``.
+
+        Padding is read from the metainfo as (left, right, top, bottom):
+        ``img_padding_size`` / ``padding_size`` (batch padding added by the
+        data preprocessor) and ``letterbox_padding`` (added by the pipeline's
+        resize-and-pad).
+        """
+        _, _, H, W = seg_logits.shape
+        threshold = self.decode_head.threshold
+        for i, sample in enumerate(data_samples):
+            meta = sample.metainfo
+            left, right, top, bottom = meta.get(
+                'img_padding_size', meta.get('padding_size', (0, 0, 0, 0)))
+            logits = seg_logits[i:i + 1, :, top:H - bottom, left:W - right]
+            if 'letterbox_padding' in meta:
+                left, right, top, bottom = meta['letterbox_padding']
+                h, w = logits.shape[-2:]
+                logits = logits[..., top:h - bottom, left:w - right]
+            if meta.get('flip', False):
+                dims = (3, ) if meta.get('flip_direction',
+                                         'horizontal') == 'horizontal' else (
+                                             2, )
+                logits = logits.flip(dims=dims)
+            logits = resize(logits, size=meta['ori_shape'], mode='bilinear',
+                            align_corners=self.align_corners,
+                            warning=False).squeeze(0)
+            probs = logits.sigmoid()
+            sample.set_data({
+                'seg_logits': PixelData(data=probs),
+                'pred_sem_seg': PixelData(data=(probs > threshold).to(
+                    probs.dtype)),
+            })
+        return data_samples

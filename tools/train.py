@@ -1,0 +1,70 @@
+"""Train a referring segmentor: ``python tools/train.py CONFIG [options]``.
+
+The flags are MMSegmentation's; distributed runs use ``tools/dist_train.sh``.
+"""
+import argparse
+import logging
+import os
+import os.path as osp
+
+from mmengine.config import DictAction
+from mmengine.logging import print_log
+from mmengine.runner import Runner
+
+from mmseg_sera.apis.config import load_config  # also registers components
+from mmseg_sera.engine import adapt_dist_cfg
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description='Train a referring segmentor')
+    p.add_argument('config', help='config file path')
+    p.add_argument('--work-dir', help='directory for logs and checkpoints')
+    p.add_argument('--resume', action='store_true',
+                   help='resume from the latest checkpoint in the work dir')
+    p.add_argument('--amp', action='store_true',
+                   help='automatic mixed precision (AmpOptimWrapper)')
+    p.add_argument('--cfg-options', nargs='+', action=DictAction,
+                   help='override config entries, e.g. '
+                   'train_cfg.max_iters=100 model.decode_head.threshold=0.35')
+    p.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'],
+                   default='none', help='job launcher')
+    # torch.distributed.launch passes --local-rank; torchrun sets LOCAL_RANK.
+    p.add_argument('--local_rank', '--local-rank', type=int, default=0)
+    args = p.parse_args(argv)
+    os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
+    return args
+
+
+def enable_amp(cfg) -> None:
+    wrapper = cfg.optim_wrapper
+    if wrapper.get('type', 'OptimWrapper') == 'AmpOptimWrapper':
+        print_log('AMP is already enabled in the config.', logger='current',
+                  level=logging.WARNING)
+        return
+    if wrapper.get('type', 'OptimWrapper') != 'OptimWrapper':
+        raise ValueError('--amp needs optim_wrapper.type == "OptimWrapper", '
+                         f'got {wrapper.type!r}')
+    wrapper.type = 'AmpOptimWrapper'
+    wrapper.setdefault('loss_scale', 'dynamic')
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    cfg = load_config(args.config, args.cfg_options)
+    cfg.launcher = args.launcher
+    if args.work_dir is not None:
+        cfg.work_dir = args.work_dir
+    elif cfg.get('work_dir') is None:
+        cfg.work_dir = osp.join('./work_dirs',
+                                osp.splitext(osp.basename(args.config))[0])
+    if args.amp:
+        enable_amp(cfg)
+    cfg.resume = args.resume
+    if args.launcher != 'none':
+        adapt_dist_cfg(cfg)
+    runner = Runner.from_cfg(cfg)
+    runner.train()
+
+
+if __name__ == '__main__':
+    main()
