@@ -1,0 +1,698 @@
+"""DINOv2 ViT-S/B/L/g-14 backbone with register tokens and adapter slots.
+
+Parameter names follow the official DINOv2 / timm checkpoints, so that a
+converted checkpoint (``tools/model_converters/dinov2_to_sera.py``) loads
+with ``strict`` key checking::
+
+    cls_token                1 x 1 x C
+    register_tokens          1 x R x C          (only when R > 0)
+    pos_embed                1 x (1 + M*M) x C  (class position + M x M grid,
+                                                  M = img_size // patch_size)
+    patch_embed.proj         Conv2d(3, C, 14, stride 14)
+    blocks.N.norm1 / attn.qkv / attn.proj / ls1.gamma
+    blocks.N.norm2 / mlp.fc1 / mlp.fc2 / ls2.gamma
+    norm                     final LayerNorm
+
+The block loop is written out in :meth:`DINOv2.forward_features`; adapters run
+between blocks (slot kind ``post_block``). See ``docs/backbone.md``.
+"""
+import os.path as osp
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint as cp
+from mmengine.logging import print_log
+from mmengine.model import BaseModule, ModuleDict
+from torch import Tensor
+
+from mmseg.registry import MODELS
+from ..structures import (AdapterOutput, BackboneOutput, TextFeatures,
+                          merge_losses)
+
+CONVERTER = 'tools/model_converters/dinov2_to_sera.py'
+
+
+# --------------------------------------------------------------------------
+# Layers
+# --------------------------------------------------------------------------
+def drop_path(x: Tensor, rate: float, training: bool) -> Tensor:
+    """Stochastic depth: zero whole samples of a residual branch with
+    probability ``rate`` and rescale the rest by ``1 / (1 - rate)``."""
+    if rate == 0. or not training:
+        return x
+    keep = 1. - rate
+    mask = x.new_empty((x.shape[0], ) + (1, ) * (x.ndim - 1)).bernoulli_(keep)
+    return x * mask / keep
+
+
+class LayerScale(nn.Module):
+    """Per-channel scale ``y = gamma * x`` (``gamma``: C)."""
+
+    def __init__(self, dims: int, init_value: float = 1e-5) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dims, ), float(init_value)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.gamma
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention, ``softmax(q k^T / sqrt(d)) v``.
+
+    ``qkv`` packs q, k, v (3C x C, in that order, heads contiguous), as the
+    DINOv2 / timm checkpoints do. B x N x C -> B x N x C.
+    """
+
+    def __init__(self, embed_dims: int, num_heads: int, qkv_bias: bool = True,
+                 proj_bias: bool = True) -> None:
+        super().__init__()
+        if embed_dims % num_heads:
+            raise ValueError(f'embed_dims={embed_dims} is not divisible by '
+                             f'num_heads={num_heads}')
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(embed_dims, 3 * embed_dims, bias=qkv_bias)
+        self.proj = nn.Linear(embed_dims, embed_dims, bias=proj_bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, N, C = x.shape
+        # B x N x 3C -> 3 x B x heads x N x d
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads,
+                                  C // self.num_heads).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+
+
+class Mlp(nn.Module):
+    """``fc2(GELU(fc1(x)))``, C -> hidden -> C."""
+
+    def __init__(self, embed_dims: int, hidden_dims: int,
+                 bias: bool = True) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(embed_dims, hidden_dims, bias=bias)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_dims, embed_dims, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class SwiGLUFFN(nn.Module):
+    """SwiGLU FFN of DINOv2 ViT-g: ``[a, b] = fc1(x)``, ``fc2(SiLU(a) * b)``.
+
+    ``fc1`` packs the two halves (2H x C; official name ``w12``, timm
+    ``fc1``), ``fc2`` is H -> C (official ``w3``). As in the official
+    ``SwiGLUFFNFused``, H = ``8 * ceil(int(2/3 * hidden_dims) / 8)``.
+    """
+
+    def __init__(self, embed_dims: int, hidden_dims: int,
+                 bias: bool = True) -> None:
+        super().__init__()
+        hidden = (int(hidden_dims * 2 / 3) + 7) // 8 * 8
+        self.fc1 = nn.Linear(embed_dims, 2 * hidden, bias=bias)
+        self.fc2 = nn.Linear(hidden, embed_dims, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        a, b = self.fc1(x).chunk(2, dim=-1)
+        return self.fc2(F.silu(a) * b)
+
+
+FFN_TYPES = {'mlp': Mlp, 'swiglu': SwiGLUFFN, 'swiglufused': SwiGLUFFN}
+
+# A callable run in parallel with the MLP of a block: it gets LN2(z)
+# (B x N x C, all tokens) and returns a B x N x C update (see DINOv2Block).
+ParallelBranch = Callable[[Tensor], Tensor]
+
+
+class DINOv2Block(nn.Module):
+    """Pre-norm ViT block with LayerScale::
+
+        z = z + ls1(attn(norm1(z)))                       # attention_part
+        h = norm2(z)
+        z = z + ls2(mlp(h) + sum_a parallel_a(h))         # mlp_part
+
+    The two halves are separate methods so that a ``parallel_mlp`` adapter
+    (DETRIS Dense Aligner: ``s * A(h, text)``) can be added inside ``ls2``
+    without rewriting the block. B x N x C -> B x N x C.
+    """
+
+    def __init__(self, embed_dims: int, num_heads: int, mlp_ratio: float = 4.,
+                 ffn_type: str = 'mlp', qkv_bias: bool = True,
+                 proj_bias: bool = True, ffn_bias: bool = True,
+                 layer_scale_init_value: float = 1e-5,
+                 drop_path_rate: float = 0., norm_eps: float = 1e-6) -> None:
+        super().__init__()
+        if ffn_type not in FFN_TYPES:
+            raise ValueError(f'ffn_type must be one of {sorted(FFN_TYPES)}, '
+                             f'got {ffn_type!r}')
+        self.norm1 = nn.LayerNorm(embed_dims, eps=norm_eps)
+        self.attn = Attention(embed_dims, num_heads, qkv_bias=qkv_bias,
+                              proj_bias=proj_bias)
+        self.ls1 = LayerScale(embed_dims, layer_scale_init_value)
+        self.norm2 = nn.LayerNorm(embed_dims, eps=norm_eps)
+        self.mlp = FFN_TYPES[ffn_type](embed_dims, int(embed_dims * mlp_ratio),
+                                       bias=ffn_bias)
+        self.ls2 = LayerScale(embed_dims, layer_scale_init_value)
+        self.drop_path_rate = drop_path_rate
+
+    def attention_part(self, z: Tensor) -> Tensor:
+        """``z + ls1(attn(norm1(z)))``."""
+        return z + drop_path(
+            self.ls1(self.attn(self.norm1(z))), self.drop_path_rate,
+            self.training)
+
+    def mlp_part(self, z: Tensor,
+                 parallel: Sequence[ParallelBranch] = ()) -> Tensor:
+        """``z + ls2(mlp(h) + sum(p(h) for p in parallel))``, h = norm2(z)."""
+        h = self.norm2(z)
+        update = self.mlp(h)
+        for branch in parallel:
+            update = update + branch(h)
+        return z + drop_path(self.ls2(update), self.drop_path_rate,
+                             self.training)
+
+    def forward(self, z: Tensor,
+                parallel: Sequence[ParallelBranch] = ()) -> Tensor:
+        return self.mlp_part(self.attention_part(z), parallel)
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patches: B x 3 x H x W -> B x (h*w) x C, with
+    h = H / p, w = W / p (H, W must be multiples of p)."""
+
+    def __init__(self, patch_size: int, in_channels: int,
+                 embed_dims: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, embed_dims, kernel_size=patch_size,
+                              stride=patch_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+# --------------------------------------------------------------------------
+# Backbone
+# --------------------------------------------------------------------------
+def _trainable_policy(name: str, module_is_norm: bool) -> bool:
+    """``ln_bias`` rule: every LayerNorm weight/bias and every bias term."""
+    return module_is_norm or name.endswith('bias')
+
+
+@MODELS.register_module()
+class DINOv2(BaseModule):
+    """DINOv2 vision transformer (patch 14) with adapter slots.
+
+    Args:
+        arch: ``'small' | 'base' | 'large' | 'giant'`` (or ``'s'/'b'/'l'/'g'``)
+            or a dict with ``embed_dims, num_layers, num_heads`` and optional
+            ``mlp_ratio`` (4.0), ``ffn_type`` (``'mlp'`` | ``'swiglu'``).
+            ``giant`` is the official ViT-g/14 (1536 wide, 40 blocks, SwiGLU).
+        patch_size: patch side in pixels.
+        img_size: pre-training image side; the stored position table covers
+            an M x M grid, M = img_size // patch_size (518 -> 37).
+        in_channels: image channels.
+        num_register_tokens: 0 (DINOv2) or 4 (DINOv2-reg4).
+        interpolate_offset: position-table resampling mode. ``> 0``: bicubic
+            by scale factor ``((h + offset) / M, (w + offset) / M)`` (official
+            models without registers, 0.1); ``0``: bicubic to size (h, w)
+            (official reg models and timm). Default: 0.1 without registers,
+            0.0 with registers.
+        interpolate_antialias: antialias flag of that resampling. Default:
+            False without registers, True with registers (timm: always True).
+        out_indices: block indices whose outputs are returned (``-1`` = the
+            last block), as B x C x h x w maps, in increasing block order.
+        out_norm: ``'last'`` applies the final LayerNorm to the last returned
+            level only (DINOv2 / DETRIS convention), ``'all'`` to every level
+            (``get_intermediate_layers(norm=True)``), ``'none'`` to none.
+        adapter_indices: blocks after which an adapter runs on the patch
+            tokens (slot kind ``post_block``).
+        adapter_cfg: config of the adapter, built once per index with
+            ``MODELS.build``; ``embed_dims`` defaults to the backbone width.
+        trainable: ``'frozen'`` (no backbone parameter trains), ``'ln_bias'``
+            (every LayerNorm weight/bias and every bias term trains) or
+            ``'full'``. Adapters always train. Unless ``'full'``, the
+            backbone's own modules stay in eval mode.
+        with_cp: gradient checkpointing per block (training with grad only).
+        drop_path_rate: stochastic depth, linearly increasing over blocks.
+        layer_scale_init_value: initial LayerScale gamma.
+        qkv_bias / proj_bias / ffn_bias: bias terms (all True in DINOv2).
+        norm_eps: LayerNorm epsilon (1e-6 in DINOv2).
+        init_cfg: mmengine init config; ``dict(type='Pretrained',
+            checkpoint=PATH[, prefix=...])`` loads a checkpoint in this
+            module's layout (convert official/timm files first with
+            ``tools/model_converters/dinov2_to_sera.py``).
+    """
+    arch_settings: Dict[str, Dict] = {
+        'small': dict(embed_dims=384, num_layers=12, num_heads=6,
+                      mlp_ratio=4., ffn_type='mlp'),
+        'base': dict(embed_dims=768, num_layers=12, num_heads=12,
+                     mlp_ratio=4., ffn_type='mlp'),
+        'large': dict(embed_dims=1024, num_layers=24, num_heads=16,
+                      mlp_ratio=4., ffn_type='mlp'),
+        'giant': dict(embed_dims=1536, num_layers=40, num_heads=24,
+                      mlp_ratio=4., ffn_type='swiglu'),
+    }
+    arch_aliases: Dict[str, str] = {
+        's': 'small', 'b': 'base', 'l': 'large', 'g': 'giant',
+        'giant2': 'giant'
+    }
+    TRAINABLE = ('frozen', 'ln_bias', 'full')
+    OUT_NORM = ('last', 'all', 'none')
+
+    def __init__(self,
+                 *,
+                 arch: Union[str, Dict] = 'base',
+                 patch_size: int = 14,
+                 img_size: int = 518,
+                 in_channels: int = 3,
+                 num_register_tokens: int = 0,
+                 interpolate_offset: Optional[float] = None,
+                 interpolate_antialias: Optional[bool] = None,
+                 out_indices: Sequence[int] = (-1, ),
+                 out_norm: str = 'last',
+                 adapter_indices: Sequence[int] = (),
+                 adapter_cfg: Optional[Dict] = None,
+                 trainable: str = 'frozen',
+                 with_cp: bool = False,
+                 drop_path_rate: float = 0.,
+                 layer_scale_init_value: float = 1e-5,
+                 qkv_bias: bool = True,
+                 proj_bias: bool = True,
+                 ffn_bias: bool = True,
+                 norm_eps: float = 1e-6,
+                 init_cfg: Optional[Union[Dict, List[Dict]]] = None) -> None:
+        super().__init__(init_cfg=init_cfg)
+        settings = self._resolve_arch(arch)
+        C = settings['embed_dims']
+        L = settings['num_layers']
+        if num_register_tokens < 0:
+            raise ValueError('num_register_tokens must be >= 0, got '
+                             f'{num_register_tokens}')
+        if img_size % patch_size:
+            raise ValueError(f'img_size={img_size} is not a multiple of '
+                             f'patch_size={patch_size}')
+        if trainable not in self.TRAINABLE:
+            raise ValueError(f'trainable must be one of {self.TRAINABLE}, '
+                             f'got {trainable!r}')
+        if out_norm not in self.OUT_NORM:
+            raise ValueError(f'out_norm must be one of {self.OUT_NORM}, '
+                             f'got {out_norm!r}')
+        self.arch = settings
+        self._embed_dims = C
+        self.num_layers = L
+        self.patch_size = patch_size
+        self.pos_grid = img_size // patch_size
+        self.num_register_tokens = num_register_tokens
+        has_reg = num_register_tokens > 0
+        self.interpolate_offset = float(
+            (0. if has_reg else 0.1
+             ) if interpolate_offset is None else interpolate_offset)
+        if self.interpolate_offset < 0:
+            raise ValueError('interpolate_offset must be >= 0, got '
+                             f'{interpolate_offset}')
+        if interpolate_antialias is None:
+            interpolate_antialias = has_reg
+        self.interpolate_antialias = bool(interpolate_antialias)
+        self.out_indices = self._resolve_indices(out_indices, 'out_indices')
+        if not self.out_indices:
+            raise ValueError('out_indices must name at least one block')
+        self.out_norm = out_norm
+        self.adapter_indices = self._resolve_indices(adapter_indices,
+                                                     'adapter_indices')
+        if self.adapter_indices and self.adapter_indices[-1] > max(
+                self.out_indices):
+            raise ValueError(
+                f'adapter_indices {tuple(adapter_indices)} include blocks '
+                f'after the last out index {max(self.out_indices)}: such an '
+                'adapter would not change any output')
+        if self.adapter_indices and adapter_cfg is None:
+            raise ValueError('adapter_indices is set but adapter_cfg is None')
+        self.trainable = trainable
+        self.with_cp = with_cp
+
+        # --- stem ---------------------------------------------------------
+        self.patch_embed = PatchEmbed(patch_size, in_channels, C)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, C))
+        if has_reg:
+            self.register_tokens = nn.Parameter(
+                torch.zeros(1, num_register_tokens, C))
+        else:
+            self.register_tokens = None
+        self.pos_embed = nn.Parameter(
+            torch.zeros(1, 1 + self.pos_grid**2, C))
+
+        # --- blocks -------------------------------------------------------
+        dpr = torch.linspace(0, drop_path_rate, L).tolist()
+        self.blocks = nn.ModuleList([
+            DINOv2Block(
+                C,
+                settings['num_heads'],
+                mlp_ratio=settings['mlp_ratio'],
+                ffn_type=settings['ffn_type'],
+                qkv_bias=qkv_bias,
+                proj_bias=proj_bias,
+                ffn_bias=ffn_bias,
+                layer_scale_init_value=layer_scale_init_value,
+                drop_path_rate=dpr[i],
+                norm_eps=norm_eps) for i in range(L)
+        ])
+        self.norm = nn.LayerNorm(C, eps=norm_eps)
+        self._random_init()
+
+        # --- adapter slots (post_block) -------------------------------------
+        self.adapters = ModuleDict()
+        for i in self.adapter_indices:
+            cfg = dict(adapter_cfg)
+            cfg.setdefault('embed_dims', C)
+            self.adapters[str(i)] = MODELS.build(cfg)
+
+        self._apply_trainable()
+
+    # ------------------------------------------------------------------
+    # construction helpers
+    # ------------------------------------------------------------------
+    @classmethod
+    def _resolve_arch(cls, arch: Union[str, Dict]) -> Dict:
+        if isinstance(arch, str):
+            name = cls.arch_aliases.get(arch.lower(), arch.lower())
+            if name not in cls.arch_settings:
+                raise ValueError(
+                    f'Unknown DINOv2 arch {arch!r}; choose one of '
+                    f'{sorted(cls.arch_settings)} (or s/b/l/g) or pass a '
+                    'dict with embed_dims, num_layers, num_heads')
+            return dict(cls.arch_settings[name])
+        if isinstance(arch, dict):
+            missing = {'embed_dims', 'num_layers', 'num_heads'} - set(arch)
+            if missing:
+                raise ValueError(f'arch dict lacks {sorted(missing)}')
+            unknown = set(arch) - {
+                'embed_dims', 'num_layers', 'num_heads', 'mlp_ratio',
+                'ffn_type'
+            }
+            if unknown:
+                raise ValueError(
+                    f'arch dict has unknown keys {sorted(unknown)}')
+            out = dict(mlp_ratio=4., ffn_type='mlp')
+            out.update(arch)
+            return out
+        raise ValueError(f'arch must be a str or dict, got {type(arch)}')
+
+    def _resolve_indices(self, indices: Sequence[int],
+                         name: str) -> Tuple[int, ...]:
+        if isinstance(indices, int):
+            indices = (indices, )
+        out = []
+        for i in indices:
+            j = i + self.num_layers if i < 0 else i
+            if not 0 <= j < self.num_layers:
+                raise ValueError(f'{name} entry {i} is out of range for '
+                                 f'{self.num_layers} blocks')
+            out.append(j)
+        if len(set(out)) != len(out):
+            raise ValueError(f'{name} {tuple(indices)} has duplicates')
+        return tuple(sorted(out))
+
+    def _random_init(self) -> None:
+        """Official DINOv2 init: trunc-normal(0.02) position table and
+        Linear weights, zero Linear biases, N(0, 1e-6) class/register
+        tokens."""
+        nn.init.trunc_normal_(self.pos_embed, std=.02)
+        nn.init.normal_(self.cls_token, std=1e-6)
+        if self.register_tokens is not None:
+            nn.init.normal_(self.register_tokens, std=1e-6)
+        for m in self.blocks.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def backbone_named_parameters(self):
+        """The backbone's own parameters (adapters excluded)."""
+        for name, p in self.named_parameters():
+            if not name.startswith('adapters.'):
+                yield name, p
+
+    def _backbone_modules(self):
+        for name, m in self.named_children():
+            if name != 'adapters':
+                yield m
+
+    def _apply_trainable(self) -> None:
+        if self.trainable == 'full':
+            for _, p in self.backbone_named_parameters():
+                p.requires_grad_(True)
+            return
+        for _, p in self.backbone_named_parameters():
+            p.requires_grad_(False)
+        if self.trainable == 'ln_bias':
+            for prefix, m in self.named_modules():
+                if prefix.startswith('adapters'):
+                    continue
+                is_norm = isinstance(m, nn.LayerNorm)
+                for name, p in m.named_parameters(recurse=False):
+                    if _trainable_policy(name, is_norm):
+                        p.requires_grad_(True)
+            print_log(
+                f'DINOv2 trainable=ln_bias: {100 * self.trainable_share():.3f}'
+                '% of the backbone parameters train', logger='current')
+
+    def trainable_share(self) -> float:
+        """Share of the backbone's own parameters (adapters excluded) that
+        have ``requires_grad`` (``ln_bias`` on ViT-B/14: about 0.14%)."""
+        total = trainable = 0
+        for _, p in self.backbone_named_parameters():
+            total += p.numel()
+            trainable += p.numel() if p.requires_grad else 0
+        return trainable / total
+
+    def train(self, mode: bool = True) -> 'DINOv2':
+        """Set train/eval mode; unless ``trainable='full'`` the backbone's
+        own modules stay in eval mode and only the adapters follow
+        ``mode``."""
+        super().train(mode)
+        if self.trainable != 'full':
+            for m in self._backbone_modules():
+                m.eval()
+        return self
+
+    # ------------------------------------------------------------------
+    # properties
+    # ------------------------------------------------------------------
+    @property
+    def embed_dims(self) -> int:
+        """Token width C."""
+        return self._embed_dims
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Class token + register tokens before the patch tokens."""
+        return 1 + self.num_register_tokens
+
+    # ------------------------------------------------------------------
+    # weights
+    # ------------------------------------------------------------------
+    def init_weights(self) -> None:
+        """Load ``init_cfg=dict(type='Pretrained', checkpoint=PATH)`` (our
+        layout, strict keys and shapes) or run mmengine's initialisers.
+        Adapters keep their own initialisation."""
+        cfg = self.init_cfg
+        if isinstance(cfg, dict) and cfg.get('type') == 'Pretrained':
+            path = cfg.get('checkpoint')
+            if not path or not osp.isfile(path):
+                raise FileNotFoundError(
+                    f'DINOv2 checkpoint not found: {path!r}. Convert the '
+                    'official/timm weights into this layout with '
+                    f'`python {CONVERTER} SRC {path}`.')
+            self.init_cfg = None
+            try:
+                super().init_weights()  # the adapters' own init
+            finally:
+                self.init_cfg = cfg
+            self.load_pretrained(path, prefix=cfg.get('prefix', ''))
+        else:
+            super().init_weights()
+
+    def load_pretrained(self, path: str, prefix: str = '') -> None:
+        """Load a checkpoint in this module's layout (adapters excluded).
+
+        Accepts a raw state dict or one wrapped in ``'state_dict'`` /
+        ``'model'``; ``prefix`` (e.g. ``'backbone.'``) selects and strips a
+        key prefix. Missing, unexpected or mis-shaped keys raise
+        ``ValueError``; the stored position table is loaded as is, never
+        resized (it is resampled at run time).
+        """
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+        meta = ckpt.get('meta', {}) if isinstance(ckpt, dict) else {}
+        for key in ('state_dict', 'model'):
+            if isinstance(ckpt, dict) and isinstance(ckpt.get(key), dict):
+                ckpt = ckpt[key]
+                break
+        if prefix:
+            ckpt = {
+                k[len(prefix):]: v
+                for k, v in ckpt.items() if k.startswith(prefix)
+            }
+        ckpt = {
+            k: v
+            for k, v in ckpt.items() if not k.startswith('adapters.')
+        }
+        own = dict(self.backbone_named_parameters())
+        unexpected = sorted(set(ckpt) - set(own))
+        missing = sorted(set(own) - set(ckpt))
+        if unexpected or missing:
+            raise ValueError(
+                f'{path} is not a DINOv2 checkpoint in mmseg_sera layout '
+                f'matching this model: unexpected keys {unexpected[:8]}'
+                f'{"..." if len(unexpected) > 8 else ""}, missing keys '
+                f'{missing[:8]}{"..." if len(missing) > 8 else ""}. '
+                f'Convert official/timm files with {CONVERTER} and check '
+                'arch / num_register_tokens.')
+        for k, v in ckpt.items():
+            if v.shape != own[k].shape:
+                raise ValueError(
+                    f'{path}: {k} has shape {tuple(v.shape)}, the model '
+                    f'expects {tuple(own[k].shape)} (check arch, img_size, '
+                    'patch_size, num_register_tokens)')
+        with torch.no_grad():
+            for k, v in ckpt.items():
+                own[k].copy_(v)
+        self._warn_on_interpolation_mismatch(meta, path)
+
+    def _warn_on_interpolation_mismatch(self, meta: Dict, path: str) -> None:
+        want_offset = meta.get('interpolate_offset')
+        want_aa = meta.get('interpolate_antialias')
+        if want_offset is None or want_aa is None:
+            return
+        if (float(want_offset) != self.interpolate_offset
+                or bool(want_aa) != self.interpolate_antialias):
+            print_log(
+                f'{path} comes from the {meta.get("source_layout")} layout, '
+                f'whose code resamples the position table with '
+                f'interpolate_offset={want_offset}, interpolate_antialias='
+                f'{want_aa}; this model uses {self.interpolate_offset}, '
+                f'{self.interpolate_antialias}.',
+                logger='current',
+                level=30)
+
+    # ------------------------------------------------------------------
+    # forward
+    # ------------------------------------------------------------------
+    def interpolate_pos_embed(self, h: int, w: int,
+                              dtype: torch.dtype) -> Tensor:
+        """Position table for an h x w patch grid: 1 x (1 + h*w) x C.
+
+        The stored M x M table is resampled at run time, in float32, the way
+        the checkpoint's own code does (see ``interpolate_offset``). An
+        M x M grid gets the stored table unchanged. Not cached: it is cheap
+        and the table may be trained.
+        """
+        M = self.pos_grid
+        if (h, w) == (M, M):
+            return self.pos_embed.to(dtype)
+        pos = self.pos_embed.float()
+        C = pos.shape[-1]
+        grid = pos[:, 1:].reshape(1, M, M, C).permute(0, 3, 1, 2)
+        if self.interpolate_offset > 0:
+            kwargs = dict(scale_factor=((h + self.interpolate_offset) / M,
+                                        (w + self.interpolate_offset) / M))
+        else:
+            kwargs = dict(size=(h, w))
+        grid = F.interpolate(grid, mode='bicubic',
+                             antialias=self.interpolate_antialias, **kwargs)
+        if grid.shape[-2:] != (h, w):
+            raise RuntimeError(
+                f'position table resampled to {tuple(grid.shape[-2:])}, '
+                f'expected {(h, w)} (interpolate_offset='
+                f'{self.interpolate_offset})')
+        grid = grid.permute(0, 2, 3, 1).reshape(1, h * w, C)
+        return torch.cat([pos[:, :1], grid], dim=1).to(dtype)
+
+    def prepare_tokens(self, x: Tensor) -> Tuple[Tensor, Tuple[int, int]]:
+        """B x 3 x H x W -> tokens B x (1 + R + h*w) x C, ordered
+        [class, registers, patches], and the grid (h, w).
+
+        H and W are zero-padded at the bottom/right to multiples of the
+        patch size. The class and patch tokens get the position table;
+        registers get none (as in DINOv2-reg and timm).
+        """
+        if x.ndim != 4 or x.shape[1] != self.patch_embed.proj.in_channels:
+            raise ValueError(
+                'DINOv2 expects B x '
+                f'{self.patch_embed.proj.in_channels} x H x W images, got '
+                f'shape {tuple(x.shape)}')
+        p = self.patch_size
+        pad_h, pad_w = (-x.shape[2]) % p, (-x.shape[3]) % p
+        if pad_h or pad_w:
+            x = F.pad(x, (0, pad_w, 0, pad_h))
+        h, w = x.shape[2] // p, x.shape[3] // p
+        tokens = self.patch_embed(x)  # B x hw x C
+        B = tokens.shape[0]
+        tokens = torch.cat([self.cls_token.expand(B, -1, -1), tokens], dim=1)
+        tokens = tokens + self.interpolate_pos_embed(h, w, tokens.dtype)
+        if self.register_tokens is not None:
+            regs = self.register_tokens.expand(B, -1, -1)
+            tokens = torch.cat([tokens[:, :1], regs, tokens[:, 1:]], dim=1)
+        return tokens, (h, w)
+
+    def _run_block(self, i: int, tokens: Tensor) -> Tensor:
+        block = self.blocks[i]
+        if self.with_cp and self.training and torch.is_grad_enabled():
+            return cp.checkpoint(block, tokens, use_reentrant=False)
+        return block(tokens)
+
+    def _to_map(self, tokens: Tensor, hw: Tuple[int, int],
+                normed: bool) -> Tensor:
+        """Patch tokens of B x N x C -> B x C x h x w."""
+        if normed:
+            tokens = self.norm(tokens)
+        patches = tokens[:, self.num_prefix_tokens:]
+        B, _, C = patches.shape
+        return patches.transpose(1, 2).reshape(B, C, *hw).contiguous()
+
+    def forward_features(self,
+                         x: Tensor,
+                         text: Optional[TextFeatures] = None
+                         ) -> BackboneOutput:
+        """Run the blocks with the adapter slots.
+
+        Args:
+            x: B x 3 x H x W images (padded to multiples of 14 if needed).
+            text: the sentence features, handed to every adapter.
+
+        Returns:
+            ``BackboneOutput(feats, routing, aux_losses)``: the
+            ``out_indices`` levels as B x C x h x w maps (h = ceil(H / 14)),
+            block index -> adapter routing weights, summed adapter losses.
+        """
+        tokens, hw = self.prepare_tokens(x)
+        P = self.num_prefix_tokens
+        last = self.out_indices[-1]
+        feats: List[Tensor] = []
+        routing: Dict[int, Tensor] = {}
+        losses: List[Dict[str, Tensor]] = []
+        for i in range(last + 1):
+            # Slot kinds: 'parallel_mlp' adapters would be passed to the
+            # block as `parallel` branches (see DINOv2Block.mlp_part);
+            # a text 'bridge' would run its text block here, beside block i.
+            tokens = self._run_block(i, tokens)
+            if str(i) in self.adapters:  # slot kind 'post_block'
+                out: AdapterOutput = self.adapters[str(i)](
+                    tokens[:, P:], hw=hw, text=text)
+                tokens = torch.cat([tokens[:, :P], out.tokens], dim=1)
+                if out.routing is not None:
+                    routing[i] = out.routing
+                losses.append(out.aux_losses)
+            if i in self.out_indices:
+                normed = self.out_norm == 'all' or (self.out_norm == 'last'
+                                                    and i == last)
+                feats.append(self._to_map(tokens, hw, normed))
+        return BackboneOutput(
+            feats=tuple(feats), routing=routing,
+            aux_losses=merge_losses(*losses))
+
+    def forward(self,
+                x: Tensor,
+                text: Optional[TextFeatures] = None) -> Tuple[Tensor, ...]:
+        """B x 3 x H x W -> tuple of B x C x h x w maps (``out_indices``)."""
+        return self.forward_features(x, text).feats
