@@ -1,0 +1,3 @@
+from .refer_head import ReferHead, TextDynamicProjector, VLDecoder
+
+__all__ = ['ReferHead', 'TextDynamicProjector', 'VLDecoder']

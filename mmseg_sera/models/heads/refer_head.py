@@ -1,0 +1,473 @@
+"""Text-conditioned mask head for referring segmentation.
+
+Pipeline (B batch, d input width, C ``channels``, h x w the stride-14 grid,
+H' x W' the stride-4 grid, L words)::
+
+    feats (tuple of B x d x h x w) --select/concat--> V: B x d x h x w
+    V --[VL decoder layers, optional]--> B x d x h x w
+        (pixels attend to words; cheap at the low resolution h x w)
+    --> 2x steps (bilinear + Conv3x3-BN-ReLU), last step to H' x W'
+    --> Conv1x1 -> X: B x C x H' x W'
+    sentence s: B x Cp --Linear--> per-sample kernel K_b (C x k x k), bias b_b
+    logits_b = conv2d(X_b, K_b, padding=k//2) + b_b        -> B x 1 x H' x W'
+
+H' = floor(h * in_stride / out_stride + 0.5) (3.5 x for DINOv2's patch 14 and
+stride-4 logits: 32 -> 112).
+"""
+import math
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from mmcv.cnn import ConvModule
+from torch import Tensor
+
+from mmseg.models.decode_heads.decode_head import BaseDecodeHead
+from mmseg.models.losses import CrossEntropyLoss, DiceLoss
+from mmseg.models.utils import resize
+from mmseg.registry import MODELS
+from mmseg.utils import ConfigType, SampleList
+from ..structures import TextFeatures
+
+
+def sine_position_2d(height: int, width: int, channels: int,
+                     device: torch.device = None,
+                     dtype: torch.dtype = torch.float32) -> Tensor:
+    """Fixed 2-D sine code, (h*w) x C, row-major (y, x).
+
+    The first C/2 channels encode x, the last C/2 encode y; within each half
+    channel 2i is ``sin(p * f_i)`` and 2i+1 is ``cos(p * f_i)`` with
+    ``f_i = 10000^(-2i / (C/2))`` and p the integer column (row) index.
+    """
+    if channels % 4:
+        raise ValueError(f'2-D sine code needs channels % 4 == 0, '
+                         f'got {channels}')
+    half = channels // 2
+    freq = torch.exp(
+        torch.arange(0, half, 2, device=device, dtype=torch.float32) *
+        (-math.log(10000.0) / half))  # half/2
+    xs = torch.arange(width, device=device, dtype=torch.float32)[:, None]
+    ys = torch.arange(height, device=device, dtype=torch.float32)[:, None]
+    code_x = torch.stack([(xs * freq).sin(), (xs * freq).cos()],
+                         dim=-1).flatten(1)  # w x half
+    code_y = torch.stack([(ys * freq).sin(), (ys * freq).cos()],
+                         dim=-1).flatten(1)  # h x half
+    code = torch.cat([
+        code_x[None].expand(height, width, half),
+        code_y[:, None].expand(height, width, half)
+    ], dim=-1)
+    return code.reshape(height * width, channels).to(dtype)
+
+
+def sine_position_1d(length: int, channels: int,
+                     device: torch.device = None,
+                     dtype: torch.dtype = torch.float32) -> Tensor:
+    """Standard 1-D sine code, L x C: channel 2i is ``sin(p * f_i)``, 2i+1
+    is ``cos(p * f_i)``, ``f_i = 10000^(-2i / C)``."""
+    if channels % 2:
+        raise ValueError(f'1-D sine code needs even channels, got {channels}')
+    freq = torch.exp(
+        torch.arange(0, channels, 2, device=device, dtype=torch.float32) *
+        (-math.log(10000.0) / channels))
+    pos = torch.arange(length, device=device, dtype=torch.float32)[:, None]
+    code = torch.stack([(pos * freq).sin(), (pos * freq).cos()], dim=-1)
+    return code.flatten(1).to(dtype)
+
+
+class VLDecoderLayer(nn.Module):
+    """One vision-language decoder layer (pre-norm, CRIS lineage).
+
+    With v: B x N x d pixels, w: B x L x Ct words, P_v / P_t sine codes::
+
+        v = v + Drop(LN_sa(SelfAttn(q = k = LN1(v) + P_v, val = LN1(v))))
+        v = v + Drop(LN_ca(CrossAttn(q = LN2(v) + P_v, k = w + P_t, val = w,
+                                     key_padding_mask = pad)))
+        v = v + Drop(Lin(LN(Drop(ReLU(Lin(LN3(v)))))))
+    """
+
+    def __init__(self, *, dims: int, text_dims: int, num_heads: int,
+                 ffn_dims: int, dropout: float) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dims)
+        self.self_attn = nn.MultiheadAttention(
+            dims, num_heads, dropout=dropout, batch_first=True)
+        self.norm_sa = nn.LayerNorm(dims)
+        self.norm2 = nn.LayerNorm(dims)
+        self.cross_attn = nn.MultiheadAttention(
+            dims, num_heads, dropout=dropout, kdim=text_dims,
+            vdim=text_dims, batch_first=True)
+        self.norm_ca = nn.LayerNorm(dims)
+        self.norm3 = nn.LayerNorm(dims)
+        self.ffn = nn.Sequential(
+            nn.Linear(dims, ffn_dims), nn.ReLU(inplace=True),
+            nn.Dropout(dropout), nn.LayerNorm(ffn_dims),
+            nn.Linear(ffn_dims, dims))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, v: Tensor, pos_v: Tensor, words: Tensor,
+                pos_t: Tensor, pad_mask: Tensor) -> Tensor:
+        """v: B x N x d, pos_v: N x d, words: B x L x Ct, pos_t: L x Ct,
+        pad_mask: B x L (True = padding) -> B x N x d."""
+        q = self.norm1(v)
+        q_pos = q + pos_v
+        v = v + self.drop(
+            self.norm_sa(self.self_attn(q_pos, q_pos, q,
+                                        need_weights=False)[0]))
+        q = self.norm2(v) + pos_v
+        v = v + self.drop(
+            self.norm_ca(
+                self.cross_attn(q, words + pos_t, words,
+                                key_padding_mask=pad_mask,
+                                need_weights=False)[0]))
+        return v + self.drop(self.ffn(self.norm3(v)))
+
+
+class VLDecoder(nn.Module):
+    """A stack of :class:`VLDecoderLayer` on a B x d x h x w map, then a
+    final LayerNorm; returns B x d x h x w."""
+
+    def __init__(self, *, num_layers: int, dims: int, text_dims: int,
+                 num_heads: int, ffn_dims: int, dropout: float,
+                 text_pos: bool = True) -> None:
+        super().__init__()
+        if dims % num_heads:
+            raise ValueError(f'decoder width {dims} is not divisible by '
+                             f'decoder_heads={num_heads}')
+        self.layers = nn.ModuleList(
+            VLDecoderLayer(
+                dims=dims, text_dims=text_dims, num_heads=num_heads,
+                ffn_dims=ffn_dims, dropout=dropout)
+            for _ in range(num_layers))
+        self.norm = nn.LayerNorm(dims)
+        self.text_pos = text_pos
+
+    def forward(self, x: Tensor, text: TextFeatures) -> Tensor:
+        b, d, h, w = x.shape
+        v = x.flatten(2).transpose(1, 2)  # B x hw x d
+        pos_v = sine_position_2d(h, w, d, device=x.device, dtype=x.dtype)
+        words = text.tokens.to(x.dtype)
+        if self.text_pos:
+            pos_t = sine_position_1d(
+                words.shape[1], words.shape[2], device=x.device,
+                dtype=x.dtype)
+        else:
+            pos_t = words.new_zeros(words.shape[1:])
+        for layer in self.layers:
+            v = layer(v, pos_v, words, pos_t, text.mask)
+        return self.norm(v).transpose(1, 2).reshape(b, d, h, w)
+
+
+class TextDynamicProjector(nn.Module):
+    """Per-sample dynamic convolution from the sentence embedding.
+
+    ``[vec(K_b), b_b] = Linear(s_b)`` with K_b: 1 x C x k x k; the B kernels
+    run as one grouped convolution (groups = B) on X: B x C x H x W, which
+    equals ``conv2d(X_b, K_b, padding=k//2) + b_b`` for every b.
+    Output: B x 1 x H x W.
+    """
+
+    def __init__(self, *, channels: int, text_dims: int,
+                 kernel_size: int = 1) -> None:
+        super().__init__()
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(
+                f'kernel_size must be a positive odd int, got {kernel_size}')
+        self.channels = channels
+        self.kernel_size = kernel_size
+        self.fc = nn.Linear(text_dims, channels * kernel_size**2 + 1)
+
+    def kernels(self, pooled: Tensor) -> Tuple[Tensor, Tensor]:
+        """B x Cp -> (weights B x C x k x k, biases B)."""
+        params = self.fc(pooled)
+        k = self.kernel_size
+        weight = params[:, :-1].reshape(-1, self.channels, k, k)
+        return weight, params[:, -1]
+
+    def forward(self, x: Tensor, pooled: Tensor) -> Tensor:
+        b, c, h, w = x.shape
+        weight, bias = self.kernels(pooled.to(x.dtype))
+        out = F.conv2d(
+            x.reshape(1, b * c, h, w), weight, bias,
+            padding=self.kernel_size // 2, groups=b)  # 1 x B x H x W
+        return out.reshape(b, 1, h, w)
+
+
+DEFAULT_LOSSES = (
+    dict(type='CrossEntropyLoss', use_sigmoid=True, avg_non_ignore=True,
+         loss_name='loss_mask', loss_weight=1.0),
+    dict(type='DiceLoss', use_sigmoid=True, loss_name='loss_dice',
+         loss_weight=1.0),
+)
+
+
+@MODELS.register_module()
+class ReferHead(BaseDecodeHead):
+    """Text-conditioned referring mask head: stride-14 maps + sentence ->
+    B x 1 x H' x W' logits at stride ``out_stride``.
+
+    See the module docstring for the pipeline. Binary convention of mmseg:
+    ``num_classes=2, out_channels=1``; the prediction is
+    ``sigmoid(logits) > threshold``.
+
+    Inputs ``feats`` follow mmseg's ``in_index`` / ``input_transform``: the
+    default takes the last map of the tuple (a neck returns a 1-tuple);
+    ``input_transform='resize_concat'`` with lists of ``in_channels`` /
+    ``in_index`` concatenates several maps along channels.
+
+    Losses (``loss_decode``, mmseg's loss registry) see logits bilinearly
+    resized to the ground truth (B x H x W in {0, 1, 255 = ignore}). mmseg's
+    ``DiceLoss`` cannot do the 1-channel binary case itself (its one-hot
+    expansion clamps 255 into class 1 and takes the background channel, and
+    its ``ignore_index`` drops a class channel, not pixels), so for it the
+    head passes a B x 1 x H x W 0/1 target and logits set to -inf at ignored
+    pixels: both then contribute 0 to every Dice sum, i.e.
+    ``dice = 1 - 2 sum(p t) / (sum p^2 + sum t^2)`` over valid pixels
+    (V-Net form; ``naive_dice=True`` gives the first-power form). Other losses
+    get ``(logits, labels, ignore_index)`` as in mmseg. ``acc_seg`` is the
+    binary pixel accuracy (x100) over valid pixels (mmseg's ``accuracy``
+    uses top-1 over channels, meaningless for one channel).
+
+    Args:
+        in_channels: width d of the input map(s) (a list with
+            ``input_transform``).
+        channels: C, width of the stride-4 map the dynamic kernel sees.
+        text_dims: width Ct of ``text.tokens`` (decoder keys/values).
+        pooled_dims: width Cp of ``text.pooled`` (projector input).
+        num_decoder_layers: VL decoder layers at the input resolution;
+            0 disables the decoder.
+        decoder_heads / decoder_ffn_channels / decoder_dropout: decoder
+            attention heads, FFN width (``None``: d) and dropout.
+        decoder_text_pos: add a 1-D sine code to the word keys.
+        in_stride / out_stride: input map stride (patch 14) and logit
+            stride (4); upsampling factor r = in_stride / out_stride.
+        kernel_size: k of the dynamic kernel (1 here, 3 in ETRIS/DETRIS).
+        num_classes / out_channels / threshold: mmseg binary convention;
+            ``out_channels`` must be 1.
+        dropout_ratio: Dropout2d before the projector (0 = none).
+        norm_cfg / act_cfg: of the upsampling convs.
+        in_index / input_transform: mmseg's input selection.
+        loss_decode: loss config(s); default BCE ``loss_mask`` + Dice
+            ``loss_dice``.
+        ignore_index: label value ignored by the losses (255).
+        align_corners: of every bilinear resize.
+        init_cfg: mmengine init config (PyTorch default init otherwise).
+    """
+
+    def __init__(self,
+                 *,
+                 in_channels: Union[int, Sequence[int]] = 512,
+                 channels: int = 256,
+                 text_dims: int = 512,
+                 pooled_dims: int = 512,
+                 num_decoder_layers: int = 0,
+                 decoder_heads: int = 8,
+                 decoder_ffn_channels: Optional[int] = None,
+                 decoder_dropout: float = 0.1,
+                 decoder_text_pos: bool = True,
+                 in_stride: int = 14,
+                 out_stride: int = 4,
+                 kernel_size: int = 1,
+                 num_classes: int = 2,
+                 out_channels: int = 1,
+                 threshold: float = 0.35,
+                 dropout_ratio: float = 0.0,
+                 norm_cfg: Optional[ConfigType] = dict(
+                     type='BN', requires_grad=True),
+                 act_cfg: ConfigType = dict(type='ReLU'),
+                 in_index: Union[int, Sequence[int]] = -1,
+                 input_transform: Optional[str] = None,
+                 loss_decode: Union[ConfigType,
+                                    Sequence[ConfigType]] = DEFAULT_LOSSES,
+                 ignore_index: int = 255,
+                 align_corners: bool = False,
+                 init_cfg: Optional[ConfigType] = None) -> None:
+        if out_channels != 1 or num_classes != 2:
+            raise ValueError(
+                'ReferHead predicts one binary mask: num_classes=2 and '
+                f'out_channels=1, got num_classes={num_classes}, '
+                f'out_channels={out_channels}')
+        if in_stride < out_stride:
+            raise ValueError(f'in_stride={in_stride} must be >= '
+                             f'out_stride={out_stride}')
+        if isinstance(loss_decode, tuple):
+            loss_decode = list(loss_decode)
+        super().__init__(
+            in_channels,
+            channels,
+            num_classes=num_classes,
+            out_channels=out_channels,
+            threshold=threshold,
+            dropout_ratio=dropout_ratio,
+            norm_cfg=norm_cfg,
+            act_cfg=act_cfg,
+            in_index=in_index,
+            input_transform=input_transform,
+            loss_decode=loss_decode,
+            ignore_index=ignore_index,
+            align_corners=align_corners,
+            init_cfg=init_cfg)
+        # The dynamic projector replaces mmseg's static classifier.
+        del self.conv_seg
+        self._check_losses()
+
+        d = self.in_channels
+        self.text_dims = text_dims
+        self.pooled_dims = pooled_dims
+        self.in_stride = in_stride
+        self.out_stride = out_stride
+        self.decoder = None
+        if num_decoder_layers > 0:
+            self.decoder = VLDecoder(
+                num_layers=num_decoder_layers, dims=d, text_dims=text_dims,
+                num_heads=decoder_heads,
+                ffn_dims=decoder_ffn_channels or d, dropout=decoder_dropout,
+                text_pos=decoder_text_pos)
+
+        ratio = in_stride / out_stride
+        num_steps = math.ceil(math.log2(ratio) - 1e-9) if ratio > 1 else 0
+        self.up_convs = nn.ModuleList(
+            ConvModule(
+                d if i == 0 else channels, channels, 3, padding=1,
+                norm_cfg=norm_cfg, act_cfg=act_cfg)
+            for i in range(num_steps))
+        self.visual_proj = nn.Conv2d(
+            channels if num_steps else d, channels, kernel_size=1)
+        self.projector = TextDynamicProjector(
+            channels=channels, text_dims=pooled_dims,
+            kernel_size=kernel_size)
+
+    def _check_losses(self) -> None:
+        """Reject loss configs that cannot work on 1-channel logits."""
+        losses = self.loss_decode if isinstance(
+            self.loss_decode, nn.ModuleList) else [self.loss_decode]
+        for loss in losses:
+            if isinstance(loss, CrossEntropyLoss) and not loss.use_sigmoid:
+                raise ValueError(
+                    'ReferHead: CrossEntropyLoss needs use_sigmoid=True for '
+                    '1-channel logits')
+            if isinstance(loss, DiceLoss) and not (loss.use_sigmoid
+                                                    and loss.activate):
+                raise ValueError(
+                    'ReferHead: DiceLoss needs use_sigmoid=True and '
+                    'activate=True (the head outputs raw logits)')
+            if isinstance(loss, DiceLoss) and loss.ignore_index == 0:
+                raise ValueError(
+                    'ReferHead: DiceLoss(ignore_index=0) would drop the only '
+                    'channel; pixels are ignored via the head\'s '
+                    'ignore_index')
+
+    # ------------------------------------------------------------------
+    def output_size(self, height: int, width: int) -> Tuple[int, int]:
+        """Stride-``in_stride`` grid h x w -> logit grid H' x W',
+        ``H' = floor(h * in_stride / out_stride + 0.5)``."""
+        ratio = self.in_stride / self.out_stride
+        return (int(math.floor(height * ratio + 0.5)),
+                int(math.floor(width * ratio + 0.5)))
+
+    def _select(self, inputs: Union[Tensor, Sequence[Tensor]]) -> Tensor:
+        if isinstance(inputs, Tensor):
+            inputs = (inputs, )
+        return self._transform_inputs(list(inputs))
+
+    def upsample(self, x: Tensor) -> Tensor:
+        """B x d x h x w -> B x C x H' x W': 2x bilinear + Conv3x3-BN-ReLU
+        steps, the last one resizing to exactly H' x W', then Conv1x1."""
+        h, w = x.shape[-2:]
+        target = self.output_size(h, w)
+        for i, conv in enumerate(self.up_convs):
+            last = i == len(self.up_convs) - 1
+            size = target if last else (h * 2**(i + 1), w * 2**(i + 1))
+            x = conv(
+                F.interpolate(
+                    x, size=size, mode='bilinear',
+                    align_corners=self.align_corners))
+        return self.visual_proj(x)
+
+    def forward(self, inputs: Union[Tensor, Sequence[Tensor]],
+                text: TextFeatures) -> Tensor:
+        """inputs: tuple of B x d x h x w maps (stride ``in_stride``),
+        text: TextFeatures (tokens B x L x Ct, mask B x L, pooled B x Cp)
+        -> logits B x 1 x H' x W' (stride ``out_stride``)."""
+        x = self._select(inputs)
+        if x.shape[0] != text.pooled.shape[0]:
+            raise ValueError(
+                f'ReferHead: {x.shape[0]} images but {text.pooled.shape[0]} '
+                'sentences')
+        if text.pooled.shape[-1] != self.pooled_dims:
+            raise ValueError(
+                f'ReferHead: text.pooled has width {text.pooled.shape[-1]}, '
+                f'pooled_dims={self.pooled_dims}')
+        if self.decoder is not None:
+            if text.tokens.shape[-1] != self.text_dims:
+                raise ValueError(
+                    f'ReferHead: text.tokens has width '
+                    f'{text.tokens.shape[-1]}, text_dims={self.text_dims}')
+            x = self.decoder(x, text)
+        x = self.upsample(x)
+        if self.dropout is not None:
+            x = self.dropout(x)
+        return self.projector(x, text.pooled)
+
+    def loss(self, inputs: Union[Tensor, Sequence[Tensor]],
+             text: TextFeatures, batch_data_samples: SampleList,
+             train_cfg: ConfigType) -> dict:
+        """forward -> loss_by_feat; returns ``loss_*`` and ``acc_seg``."""
+        return self.loss_by_feat(self.forward(inputs, text),
+                                 batch_data_samples)
+
+    def predict(self, inputs: Union[Tensor, Sequence[Tensor]],
+                text: TextFeatures, batch_img_metas: List[dict],
+                test_cfg: ConfigType) -> Tensor:
+        """forward -> logits B x 1 x H x W resized (bilinear) to the padded
+        input size (mmseg's ``predict_by_feat``)."""
+        return self.predict_by_feat(self.forward(inputs, text),
+                                    batch_img_metas)
+
+    def loss_by_feat(self, seg_logits: Tensor,
+                     batch_data_samples: SampleList) -> dict:
+        """Logits B x 1 x h x w and data samples with ``gt_sem_seg``
+        (1 x H x W, {0, 1, ignore_index}) -> dict of losses + ``acc_seg``.
+
+        Raises:
+            ValueError: a valid label is not 0 or 1.
+        """
+        seg_label = self._stack_batch_gt(batch_data_samples)  # B x 1 x H x W
+        seg_logits = resize(
+            input=seg_logits,
+            size=seg_label.shape[2:],
+            mode='bilinear',
+            align_corners=self.align_corners)
+        seg_label = seg_label.squeeze(1).long()  # B x H x W
+        valid = seg_label != self.ignore_index
+        invalid = (seg_label != 0) & (seg_label != 1) & valid
+        if bool(invalid.any()):
+            bad = seg_label[invalid].unique().tolist()
+            raise ValueError(
+                f'ReferHead: gt_sem_seg must hold 0, 1 or {self.ignore_index}'
+                f' (ignore), found {bad}')
+        binary_target = (seg_label * valid)[:, None]  # B x 1 x H x W
+        masked_logits = seg_logits.masked_fill(~valid[:, None],
+                                               float('-inf'))
+
+        losses = self.loss_decode if isinstance(
+            self.loss_decode, nn.ModuleList) else [self.loss_decode]
+        out = dict()
+        for loss_decode in losses:
+            if isinstance(loss_decode, DiceLoss):
+                value = loss_decode(
+                    masked_logits, binary_target, weight=None,
+                    ignore_index=self.ignore_index)
+            else:
+                value = loss_decode(
+                    seg_logits, seg_label, weight=None,
+                    ignore_index=self.ignore_index)
+            name = loss_decode.loss_name
+            out[name] = out[name] + value if name in out else value
+
+        with torch.no_grad():
+            pred = seg_logits.squeeze(1).sigmoid() > self.threshold
+            correct = (pred == seg_label.bool()) & valid
+            out['acc_seg'] = correct.sum().float() * 100.0 / valid.sum(
+            ).clamp(min=1).float()
+        return out
