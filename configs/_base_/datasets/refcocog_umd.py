@@ -1,0 +1,11 @@
+# G-Ref / RefCOCOg, UMD partition (train / val / test).
+# Same pipelines and loaders as refcoco.py, reading
+# data/refcocog/{instances.json, refs(umd).p}; images in
+# data/images/mscoco/images/train2014/.
+_base_ = ['./refcoco.py']
+refer_dataset = 'refcocog'
+split_by = 'umd'
+_refer = dict(dataset=refer_dataset, split_by=split_by)
+train_dataloader = dict(dataset=_refer)
+val_dataloader = dict(dataset=_refer)
+test_dataloader = dict(dataset=_refer)

@@ -1,0 +1,12 @@
+"""Datasets and pipeline transforms (registered in mmseg's DATASETS and
+TRANSFORMS).  Nothing here imports ``mmseg_sera.models``."""
+from .refcoco import VALID_SPLITS, RefCocoDataset, load_refs
+from .safe_pickle import (RestrictedUnpickler, UnsafePickleError,
+                          safe_load_pickle, safe_loads_pickle)
+from .transforms import *  # noqa: F401,F403
+from .transforms import __all__ as _transforms_all
+
+__all__ = [
+    'RefCocoDataset', 'VALID_SPLITS', 'load_refs', 'RestrictedUnpickler',
+    'UnsafePickleError', 'safe_load_pickle', 'safe_loads_pickle'
+] + list(_transforms_all)
