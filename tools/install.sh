@@ -34,7 +34,7 @@ export PIP_CONSTRAINT="$ROOT/requirements/constraints.txt"
 # Everything that decides what gets installed goes into the stamp.
 STAMP="$VENV/.mmseg_sera-installed"
 want_stamp="$(cat requirements/build.txt requirements/torch.txt requirements/runtime.txt \
-  requirements/tests.txt requirements/constraints.txt setup.py tools/install.sh | sha256sum | cut -c1-16)"
+  requirements/tests.txt requirements/tests-nodeps.txt requirements/constraints.txt setup.py tools/install.sh | sha256sum | cut -c1-16)"
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want_stamp" ]; then
   log "environment up to date ($VENV)"
   exit 0
@@ -78,6 +78,7 @@ fi
 
 log "runtime and test requirements"
 "${PIP[@]}" install -q -r requirements/runtime.txt -r requirements/tests.txt
+"${PIP[@]}" install -q --no-deps -r requirements/tests-nodeps.txt
 log "mmseg_sera (editable)"
 "${PIP[@]}" install -q --no-build-isolation --no-deps -e .
 

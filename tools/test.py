@@ -22,6 +22,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    '(OUT/per_expression.json: ref_id, sent_id, IoU)')
     p.add_argument('--show', action='store_true', help='show predictions')
     p.add_argument('--show-dir', help='directory to save overlay pictures')
+    p.add_argument('--show-interval', type=int, default=None,
+                   help='draw every N-th test batch (default: the interval '
+                   'of the visualization hook in the config)')
     p.add_argument('--wait-time', type=float, default=2,
                    help='seconds each picture is shown with --show')
     p.add_argument('--cfg-options', nargs='+', action=DictAction,
@@ -41,6 +44,8 @@ def enable_visualization(cfg, args) -> None:
                            'default_hooks (SegVisualizationHook)')
     hook = hooks.visualization
     hook.draw = True
+    if args.show_interval is not None:
+        hook.interval = args.show_interval
     if args.show:
         hook.show = True
         hook.wait_time = args.wait_time

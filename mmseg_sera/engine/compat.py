@@ -6,14 +6,19 @@
   ``Unsupported global``.  We allow-list exactly the types MMEngine writes;
   arbitrary pickled objects are still refused.
 * Distributed training on a machine without CUDA: NCCL cannot run there, and
-  ``DistributedDataParallel`` refuses ``device_ids`` for CPU modules.
-  :func:`adapt_dist_cfg` switches to ``gloo`` and drops the device ids.
+  ``DistributedDataParallel`` refuses ``device_ids`` for CPU modules, and
+  MMEngine's ``init_dist`` calls ``torch.cuda.set_device`` unconditionally.
+  :func:`adapt_dist_cfg` switches to ``gloo``, drops the device ids and, for
+  the ``pytorch`` launcher, initialises the process group itself (MMEngine
+  then skips its own initialisation).
 """
+import os
 import pickle
 from typing import List
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 
 def _numpy_safe_globals() -> List[object]:
@@ -71,9 +76,11 @@ def register_checkpoint_safe_globals() -> None:
 def adapt_dist_cfg(cfg) -> None:
     """Make a config's distributed settings runnable on this machine.
 
-    Without CUDA: ``env_cfg.dist_cfg.backend`` becomes ``'gloo'`` and the DDP
-    wrapper gets ``device_ids=None`` (DDP rejects device ids for CPU modules).
-    With CUDA nothing changes.  ``cfg`` is modified in place.
+    Without CUDA: ``env_cfg.dist_cfg.backend`` becomes ``'gloo'``, the DDP
+    wrapper gets ``device_ids=None`` (DDP rejects device ids for CPU modules)
+    and, under the ``pytorch`` launcher (torchrun), the process group is
+    initialised here.  With CUDA nothing changes.  ``cfg`` is modified in
+    place.
     """
     if torch.cuda.is_available():
         return
@@ -87,3 +94,8 @@ def adapt_dist_cfg(cfg) -> None:
         find_unused_parameters=cfg.get('find_unused_parameters', False))
     wrapper['device_ids'] = None
     cfg.model_wrapper_cfg = wrapper
+    if cfg.get('launcher') == 'pytorch' and not dist.is_initialized():
+        dist.init_process_group(
+            backend=dist_cfg['backend'],
+            rank=int(os.environ['RANK']),
+            world_size=int(os.environ['WORLD_SIZE']))

@@ -20,6 +20,8 @@ model = dict(
     text_encoder=dict(
         type='OpenCLIPTextEncoder',
         model_name='ViT-B-16',
+        # OpenAI's CLIP weights were trained with QuickGELU.
+        quick_gelu=True,
         pretrained='checkpoints/open_clip_vit_b16.bin',
         context_length=20,
         trainable='frozen'),

@@ -176,26 +176,23 @@ class ReferringEncoderDecoder(BaseSegmentor):
 
     def postprocess_result(self, seg_logits: Tensor,
                            data_samples: SampleList) -> SampleList:
-        """Remove batch padding and letterbox padding, resize to
-        ``ori_shape``, then ``seg_logits`` = sigmoid, ``pred_sem_seg`` =
-        sigmoid > ``decode_head.threshold``.
+        """Remove the padding, resize to ``ori_shape``, then ``seg_logits`` =
+        sigmoid and ``pred_sem_seg`` = sigmoid > ``decode_head.threshold``.
 
-        Padding is read from the metainfo as (left, right, top, bottom):
-        ``img_padding_size`` / ``padding_size`` (batch padding added by the
-        data preprocessor) and ``letterbox_padding`` (added by the pipeline's
-        resize-and-pad).
+        Two paddings may surround the image, both (left, right, top, bottom)
+        in the metainfo: ``img_padding_size``, added around the batch by the
+        data preprocessor in test mode, and ``padding_size``, the letterbox
+        of the pipeline's ``ReferResizePad``.  The outer one is cut first.
         """
-        _, _, H, W = seg_logits.shape
         threshold = self.decode_head.threshold
         for i, sample in enumerate(data_samples):
             meta = sample.metainfo
-            left, right, top, bottom = meta.get(
-                'img_padding_size', meta.get('padding_size', (0, 0, 0, 0)))
-            logits = seg_logits[i:i + 1, :, top:H - bottom, left:W - right]
-            if 'letterbox_padding' in meta:
-                left, right, top, bottom = meta['letterbox_padding']
-                h, w = logits.shape[-2:]
-                logits = logits[..., top:h - bottom, left:w - right]
+            logits = seg_logits[i:i + 1]
+            for key in ('img_padding_size', 'padding_size'):
+                if key in meta:
+                    left, right, top, bottom = meta[key]
+                    h, w = logits.shape[-2:]
+                    logits = logits[..., top:h - bottom, left:w - right]
             if meta.get('flip', False):
                 dims = (3, ) if meta.get('flip_direction',
                                          'horizontal') == 'horizontal' else (

@@ -1,0 +1,52 @@
+"""Fixtures shared by the end-to-end tests."""
+import os.path as osp
+import subprocess
+import sys
+
+import pytest
+
+REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
+TINY_CONFIG = osp.join(
+    REPO, 'configs/sera/sera_dinov2-tiny_clip-tiny_1xb16-20e_synthetic-112x112.py')
+
+
+@pytest.fixture(scope='session')
+def synthetic_root(tmp_path_factory) -> str:
+    """A small synthetic refer set written once per test session."""
+    from mmseg_sera.datasets.synthetic import generate_refer_set
+    root = str(tmp_path_factory.mktemp('synthetic_refer'))
+    generate_refer_set(root, num_images=24, seed=0, progress=False)
+    return root
+
+
+def tiny_cfg_options(data_root: str, **extra) -> list:
+    """``--cfg-options`` that point the tiny config at ``data_root`` and keep
+    runs short and deterministic (no workers, no validation in training)."""
+    opts = {
+        'train_dataloader.dataset.data_root': data_root,
+        'val_dataloader.dataset.data_root': data_root,
+        'test_dataloader.dataset.data_root': data_root,
+        'train_dataloader.batch_size': 8,
+        'train_dataloader.num_workers': 0,
+        'val_dataloader.num_workers': 0,
+        'test_dataloader.num_workers': 0,
+        'train_dataloader.persistent_workers': False,
+        'val_dataloader.persistent_workers': False,
+        'test_dataloader.persistent_workers': False,
+        'train_cfg.val_interval': 1000,
+        'default_hooks.logger.interval': 1,
+    }
+    opts.update(extra)
+    return ['--cfg-options'] + [f'{k}={v}' for k, v in opts.items()]
+
+
+def run_tool(args: list, timeout: int = 600, env: dict = None,
+             check: bool = True) -> subprocess.CompletedProcess:
+    """Run ``python tools/...`` (or a shell script) from the repository."""
+    cmd = args if args[0].endswith('.sh') else [sys.executable] + args
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f'{" ".join(cmd)} failed ({proc.returncode}):\n'
+                             f'{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}')
+    return proc
