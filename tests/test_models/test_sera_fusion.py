@@ -297,3 +297,20 @@ def test_context_expert_mixes_positions_and_is_batch_independent():
     # the pre-norm LayerNorm would remove it)
     x2[0, :, 0, 0] += 3.0 * torch.randn(D)
     assert not torch.allclose(ex(x2)[0, :, -1, -1], y[0, :, -1, -1])
+
+
+def test_zero_experts_is_fusion_only():
+    import torch
+    from mmseg_sera.models.necks.sera_fusion import SERAFusion
+    from mmseg_sera.models.structures import TextFeatures
+    torch.manual_seed(0)
+    neck = SERAFusion(in_channels=[8, 8], channels=16, text_dims=12,
+                      num_experts=0).eval()
+    assert not hasattr(neck, 'router') and len(neck.experts) == 0
+    feats = [torch.randn(2, 8, 3, 5), torch.randn(2, 8, 3, 5)]
+    text = TextFeatures(tokens=torch.randn(2, 4, 12),
+                        mask=torch.zeros(2, 4, dtype=torch.bool),
+                        pooled=torch.randn(2, 12))
+    out = neck(feats, text)
+    assert out.aux_losses == {} and out.routing == {}
+    torch.testing.assert_close(out.feats[0], neck.fuse(feats, text))

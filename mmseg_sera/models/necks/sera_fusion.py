@@ -63,7 +63,9 @@ class SERAFusion(BaseModule):
         channels: d.
         text_dims: Ct, width of ``text.pooled``.
         num_experts: E; must match the expert list (default: 4 experts in
-            the fixed order spatial, context, boundary, shape).
+            the fixed order spatial, context, boundary, shape).  ``0``
+            turns the MoE off: the neck returns the fused map X, with no
+            router and no auxiliary losses (the ablation baseline).
         experts: optional list of expert config dicts (``type`` registered
             in MODELS, ``channels`` filled in with d) replacing the default.
         top_k: K (paper: 4 best, 1 worst).
@@ -129,6 +131,8 @@ class SERAFusion(BaseModule):
         self.routing = routing
         self.balance_load = balance_load
 
+        if experts is None and num_experts == 0:
+            experts = []  # fusion only: the ablation baseline without MoE
         if experts is None:
             if num_experts != 4:
                 raise ValueError(
@@ -144,7 +148,7 @@ class SERAFusion(BaseModule):
         if len(experts) != num_experts:
             raise ValueError(f'SERAFusion: num_experts={num_experts} but '
                              f'{len(experts)} expert configs were given')
-        if not 1 <= top_k <= num_experts:
+        if num_experts and not 1 <= top_k <= num_experts:
             raise ValueError(f'SERAFusion: top_k must be in [1, num_experts='
                              f'{num_experts}], got {top_k}')
         self.num_experts = num_experts
@@ -167,6 +171,8 @@ class SERAFusion(BaseModule):
             norm_cfg=norm_cfg,
             act_cfg=act_cfg)
 
+        if not num_experts:
+            return
         self.router_norm_visual = nn.LayerNorm(d)
         self.router_norm_text = nn.LayerNorm(text_dims)
         self.router = NoisyTopKRouter(
@@ -287,6 +293,8 @@ class SERAFusion(BaseModule):
         """
         self._check_inputs(feats, text)
         x = self.fuse(feats, text)
+        if not self.num_experts:
+            return NeckOutput(feats=(x, ))
         route = self.router(self.router_input(x, text))
         y = self.mix(x, route)
         return NeckOutput(

@@ -1,0 +1,4 @@
+# Ablation: SERA-Fusion routes each sample to its top-4 of 4 experts.
+# Paper (RefCOCO val mIoU / oIoU): 76.50 / 74.74.
+_base_ = ['../sera_dinov2-b14-reg4_clip-b16_1xb16-50e_refcoco-448x448.py']
+model = dict(neck=dict(top_k=4))

@@ -1,0 +1,99 @@
+"""Every shipped config loads; the paper configs build (random weights) and
+train one step on a small input."""
+import glob
+import os.path as osp
+
+import pytest
+import torch
+from mmengine.config import Config
+from mmengine.registry import init_default_scope
+from mmengine.structures import PixelData
+from mmseg.registry import MODELS
+from mmseg.structures import SegDataSample
+
+import mmseg_sera  # noqa: F401
+
+REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
+CONFIGS = sorted(
+    f for f in glob.glob(osp.join(REPO, 'configs', '**', '*.py'),
+                         recursive=True) if '/_base_/' not in f)
+PAPER = osp.join(REPO, 'configs', 'sera',
+                 'sera_dinov2-b14-reg4_clip-b16_1xb16-50e_refcoco-448x448.py')
+ABLATION = osp.join(REPO, 'configs', 'sera', 'ablation')
+
+
+@pytest.mark.parametrize('path', CONFIGS, ids=osp.basename)
+def test_config_loads(path):
+    cfg = Config.fromfile(path)
+    assert cfg.default_scope == 'mmseg'
+    assert 'mmseg_sera' in cfg.custom_imports['imports']
+    assert cfg.model.type == 'ReferringEncoderDecoder'
+    assert cfg.train_dataloader.dataset.type == 'RefCocoDataset'
+    assert cfg.val_evaluator.type == 'ReferSegMetric'
+
+
+def _build(path):
+    init_default_scope('mmseg')
+    cfg = Config.fromfile(path)
+    # Pretrained files are not needed to build; init_weights is not run.
+    return MODELS.build(cfg.model)
+
+
+def _batch(model, size=112):
+    torch.manual_seed(0)
+    samples = []
+    for text in ('the man on the left', 'a red umbrella'):
+        s = SegDataSample(metainfo=dict(text=text, ori_shape=(size, size),
+                                        img_shape=(size, size),
+                                        pad_shape=(size, size)))
+        s.gt_sem_seg = PixelData(
+            data=torch.randint(0, 2, (1, size, size), dtype=torch.uint8))
+        samples.append(s)
+    inputs = [torch.randint(0, 256, (3, size, size), dtype=torch.uint8)
+              for _ in samples]
+    return model.data_preprocessor(dict(inputs=inputs, data_samples=samples),
+                                   training=True)
+
+
+def test_paper_model_trains_under_one_percent_of_the_backbone():
+    model = _build(PAPER).train()
+    backbone = model.backbone
+    own = [(n, p) for n, p in backbone.named_parameters()
+           if not n.startswith('adapters.')]
+    share = sum(p.numel() for _, p in own if p.requires_grad) / sum(
+        p.numel() for _, p in own)
+    print(f'paper config: backbone trainable share {100 * share:.3f}%')
+    assert 0 < share < 0.01
+    assert not any(p.requires_grad for p in model.text_encoder.parameters())
+    # the frozen parts stay in eval mode in training
+    assert not backbone.blocks[0].training
+    assert not model.text_encoder.training
+
+    data = _batch(model)
+    losses = model(**data, mode='loss')
+    assert {'loss_mask', 'loss_dice', 'loss_moe_z', 'loss_moe_balance',
+            'loss_moe_token'} <= set(losses)
+    total = sum(v for k, v in losses.items() if k.startswith('loss_'))
+    assert torch.isfinite(total)
+    total.backward()
+    grads = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert any(n.startswith('backbone.adapters.') for n in grads)
+    assert any(n.startswith('neck.experts.') for n in grads)
+    assert not any(n.startswith('text_encoder.') for n in grads)
+
+
+@pytest.mark.parametrize('name,adapters,experts,top_k', [
+    ('sera-baseline', 0, 0, None),
+    ('sera-adapter', 4, 0, None),
+    ('sera-top1', 4, 4, 1),
+])
+def test_ablation_models(name, adapters, experts, top_k):
+    path, = glob.glob(osp.join(ABLATION, name + '_*.py'))
+    model = _build(path)
+    assert len(model.backbone.adapters) == adapters
+    assert len(model.neck.experts) == experts
+    if top_k is not None:
+        assert model.neck.top_k == top_k
+    losses = model(**_batch(model), mode='loss')
+    has_moe = any(k.startswith('loss_moe') for k in losses)
+    assert has_moe == bool(experts)
