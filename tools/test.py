@@ -9,8 +9,7 @@ import os.path as osp
 from mmengine.config import DictAction
 from mmengine.runner import Runner
 
-from mmseg_sera.apis.config import load_config  # also registers components
-from mmseg_sera.engine import adapt_dist_cfg
+from mmseg_sera.apis.config import load_run_config  # registers components
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -58,13 +57,8 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if not osp.isfile(args.checkpoint):
         raise FileNotFoundError(f'checkpoint not found: {args.checkpoint}')
-    cfg = load_config(args.config, args.cfg_options)
-    cfg.launcher = args.launcher
-    if args.work_dir is not None:
-        cfg.work_dir = args.work_dir
-    elif cfg.get('work_dir') is None:
-        cfg.work_dir = osp.join('./work_dirs',
-                                osp.splitext(osp.basename(args.config))[0])
+    cfg = load_run_config(args.config, args.cfg_options, args.launcher,
+                          args.work_dir)
     cfg.load_from = args.checkpoint
     if args.show or args.show_dir:
         enable_visualization(cfg, args)
@@ -75,8 +69,6 @@ def main(argv=None) -> None:
             if evaluator.get('type') == 'ReferSegMetric':
                 evaluator['out_file'] = osp.join(args.out,
                                                  'per_expression.json')
-    if args.launcher != 'none':
-        adapt_dist_cfg(cfg)
     runner = Runner.from_cfg(cfg)
     runner.test()
 

@@ -5,14 +5,12 @@ The flags are MMSegmentation's; distributed runs use ``tools/dist_train.sh``.
 import argparse
 import logging
 import os
-import os.path as osp
 
 from mmengine.config import DictAction
 from mmengine.logging import print_log
 from mmengine.runner import Runner
 
-from mmseg_sera.apis.config import load_config  # also registers components
-from mmseg_sera.engine import adapt_dist_cfg
+from mmseg_sera.apis.config import load_run_config  # registers components
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -50,18 +48,11 @@ def enable_amp(cfg) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    cfg = load_config(args.config, args.cfg_options)
-    cfg.launcher = args.launcher
-    if args.work_dir is not None:
-        cfg.work_dir = args.work_dir
-    elif cfg.get('work_dir') is None:
-        cfg.work_dir = osp.join('./work_dirs',
-                                osp.splitext(osp.basename(args.config))[0])
+    cfg = load_run_config(args.config, args.cfg_options, args.launcher,
+                          args.work_dir)
     if args.amp:
         enable_amp(cfg)
     cfg.resume = args.resume
-    if args.launcher != 'none':
-        adapt_dist_cfg(cfg)
     runner = Runner.from_cfg(cfg)
     runner.train()
 

@@ -5,6 +5,26 @@ from typing import Optional
 from mmengine.config import Config
 
 
+def load_run_config(config_path: str, cfg_options: Optional[dict],
+                    launcher: str, work_dir: Optional[str]) -> Config:
+    """What ``tools/train.py`` and ``tools/test.py`` share: load the config,
+    set the launcher and the work dir (command line > config >
+    ``./work_dirs/<config name>``) and, for distributed runs, adapt the
+    settings to the machine (:func:`mmseg_sera.engine.adapt_dist_cfg`)."""
+    from ..engine import adapt_dist_cfg
+    cfg = load_config(config_path, cfg_options)
+    cfg.launcher = launcher
+    if work_dir is not None:
+        cfg.work_dir = work_dir
+    elif cfg.get('work_dir') is None:
+        cfg.work_dir = osp.join(
+            './work_dirs',
+            osp.splitext(osp.basename(str(config_path)))[0])
+    if launcher != 'none':
+        adapt_dist_cfg(cfg)
+    return cfg
+
+
 def load_config(config, cfg_options: Optional[dict] = None) -> Config:
     """Load a config file (or pass a :class:`Config` through) and merge
     ``--cfg-options`` style overrides.

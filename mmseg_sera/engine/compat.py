@@ -34,8 +34,8 @@ def _numpy_safe_globals() -> List[object]:
     dtypes = getattr(np, 'dtypes', None)
     if dtypes is not None:  # numpy >= 1.25: one class per dtype
         found += [
-            getattr(dtypes, name) for name in dir(dtypes)
-            if name.endswith('DType') and isinstance(getattr(dtypes, name), type)
+            getattr(dtypes, name) for name in dir(dtypes) if
+            name.endswith('DType') and isinstance(getattr(dtypes, name), type)
         ]
     return found
 

@@ -82,7 +82,8 @@ class ReferringEncoderDecoder(BaseSegmentor):
             data_preprocessor=data_preprocessor, init_cfg=init_cfg)
         if pretrained is not None:
             backbone = dict(backbone)
-            backbone['init_cfg'] = dict(type='Pretrained', checkpoint=pretrained)
+            backbone['init_cfg'] = dict(
+                type='Pretrained', checkpoint=pretrained)
         self.text_encoder = MODELS.build(text_encoder)
         self.backbone = MODELS.build(backbone)
         self.neck = MODELS.build(neck) if neck is not None else None
