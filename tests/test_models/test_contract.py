@@ -1,0 +1,593 @@
+"""One contract for every model component mmseg_sera registers in mmseg's
+``MODELS``.
+
+Every class registered from an ``mmseg_sera`` module must have an entry in
+:data:`CASES` (``test_every_registered_component_has_a_contract`` fails
+otherwise, so a new component cannot skip the contract). Each case:
+
+1. builds the component from a config dict with ``MODELS.build``;
+2. runs a forward on tiny inputs and checks output types and shapes;
+3. checks which parameters have ``requires_grad`` (the component's
+   freezing policy, computed independently of the component's own code);
+4. backpropagates one scalar made from all floating outputs (a fixed random
+   weighting) and checks that exactly the trainable parameters got a
+   gradient, minus documented exceptions (parts that a given input does not
+   run, e.g. un-routed experts or blocks after the last output).
+"""
+import dataclasses
+import os.path as osp
+from typing import Any, Callable, Dict, Iterator, List, Optional, Set
+
+import pytest
+import torch
+import torch.nn as nn
+from mmengine.config import Config
+from mmengine.registry import DefaultScope
+from mmengine.structures import PixelData
+from mmseg.registry import MODELS
+from mmseg.structures import SegDataSample
+from torch import Tensor
+
+import mmseg_sera  # noqa: F401  (registers the components)
+from mmseg_sera.models.moe.router import RouterOutput
+from mmseg_sera.models.structures import (AdapterOutput, NeckOutput,
+                                          TextFeatures)
+
+REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+TINY_CONFIG = osp.join(
+    REPO,
+    'configs/sera/sera_dinov2-tiny_clip-tiny_1xb16-20e_synthetic-112x112.py')
+
+REGISTERED = sorted(
+    name for name, cls in MODELS.module_dict.items()
+    if getattr(cls, '__module__', '').startswith('mmseg_sera'))
+
+
+# --------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------
+@dataclasses.dataclass
+class Case:
+    """One contract case.
+
+    Attributes:
+        id: test id suffix.
+        cfg: config dict for ``MODELS.build``.
+        run: ``(module) -> outputs``; builds its own inputs.
+        check: ``(module, outputs) -> None``; asserts types and shapes.
+        trainable: ``(module) -> names`` of parameters that must have
+            ``requires_grad``; ``None`` means all of them.
+        no_grad: ``(module, outputs) -> names`` of trainable parameters that
+            legitimately get no gradient for this input.
+        train: module mode during the forward.
+    """
+    id: str
+    cfg: dict
+    run: Callable[[nn.Module], Any]
+    check: Callable[[nn.Module, Any], None]
+    trainable: Optional[Callable[[nn.Module], Set[str]]] = None
+    no_grad: Callable[[nn.Module, Any], Set[str]] = lambda m, out: set()
+    train: bool = True
+
+
+def _gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _float_tensors(obj: Any) -> Iterator[Tensor]:
+    """Every floating tensor inside (nested) dataclasses, dicts, lists,
+    tuples."""
+    if isinstance(obj, Tensor):
+        if obj.is_floating_point():
+            yield obj
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        for f in dataclasses.fields(obj):
+            yield from _float_tensors(getattr(obj, f.name))
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _float_tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _float_tensors(v)
+
+
+def _scalar(outputs: Any) -> Optional[Tensor]:
+    """``sum_t <t, R_t>`` over the floating outputs that carry a graph, with
+    fixed random R_t (a sum of plain sums could have a zero gradient, e.g.
+    for softmax weights); ``None`` if no output carries a graph."""
+    g = _gen(1234)
+    total = None
+    for t in _float_tensors(outputs):
+        if not t.requires_grad:
+            continue
+        term = (t.float() * torch.randn(t.shape, generator=g)).sum()
+        total = term if total is None else total + term
+    return total
+
+
+def _names_under(module: nn.Module, prefix: str) -> Set[str]:
+    return {n for n, _ in module.named_parameters() if n.startswith(prefix)}
+
+
+def _ln_bias_names(module: nn.Module, skip: str = '') -> Set[str]:
+    """The ``ln_bias`` policy, derived from module types: every LayerNorm
+    parameter and every parameter named ``*bias``, outside ``skip``."""
+    out = set()
+    for mname, m in module.named_modules():
+        if skip and (mname == skip or mname.startswith(skip + '.')):
+            continue
+        for pname, _ in m.named_parameters(recurse=False):
+            full = f'{mname}.{pname}' if mname else pname
+            if isinstance(m, nn.LayerNorm) or pname.endswith('bias'):
+                out.add(full)
+    return out
+
+
+def _text(B: int = 2, L: int = 5, dims: int = 16,
+          pooled_dims: Optional[int] = None, seed: int = 0) -> TextFeatures:
+    g = _gen(seed)
+    mask = torch.zeros(B, L, dtype=torch.bool)
+    mask[-1, L - 2:] = True  # the last sentence is two words shorter
+    return TextFeatures(
+        tokens=torch.randn(B, L, dims, generator=g),
+        mask=mask,
+        pooled=torch.randn(B, pooled_dims or dims, generator=g))
+
+
+def _maps(*shape, seed: int = 0) -> Tensor:
+    return torch.randn(*shape, generator=_gen(seed))
+
+
+# --------------------------------------------------------------------------
+# routers
+# --------------------------------------------------------------------------
+def _check_router(top_k: int, lead: tuple, E: int):
+
+    def check(m, out):
+        assert isinstance(out, RouterOutput)
+        assert out.weights.shape == lead + (E, )
+        assert out.logits.shape == lead + (E, )
+        assert out.probs.shape == lead + (E, )
+        assert out.indices.shape == lead + (top_k, )
+        assert out.indices.dtype == torch.int64
+        assert out.weights.dtype == torch.float32
+        torch.testing.assert_close(
+            out.weights.sum(-1), torch.ones(lead), atol=1e-6, rtol=0)
+        assert ((out.weights > 0).sum(-1) == top_k).all()
+        # indices are the kept experts, by decreasing weight
+        kept = out.weights.gather(-1, out.indices)
+        assert (kept > 0).all()
+        assert (kept[..., :-1] >= kept[..., 1:]).all()
+
+    return check
+
+
+def _run_on(x: Tensor) -> Callable[[nn.Module], Any]:
+    return lambda m: m(x)
+
+
+ROUTER_CASES = [
+    Case('top4-train',
+         dict(type='NoisyTopKRouter', in_dims=6, num_experts=4, top_k=4),
+         _run_on(_maps(2, 3, 6)), _check_router(4, (2, 3), 4)),
+    Case('top2-train-laplace',
+         dict(type='NoisyTopKRouter', in_dims=6, num_experts=4, top_k=2,
+              logit_fn='laplace', noise_floor=0.01),
+         _run_on(_maps(5, 6)), _check_router(2, (5, ), 4)),
+    # In eval mode there is no noise, so the noise projection is not used.
+    Case('top4-eval',
+         dict(type='NoisyTopKRouter', in_dims=6, num_experts=4, top_k=4,
+              bias=True),
+         _run_on(_maps(5, 6)), _check_router(4, (5, ), 4),
+         no_grad=lambda m, out: {'noise_proj.weight'}, train=False),
+]
+SOFT_ROUTER_CASES = [
+    Case('soft', dict(type='SoftRouter', in_dims=6, num_experts=3),
+         _run_on(_maps(2, 4, 6)), _check_router(3, (2, 4), 3)),
+]
+
+
+# --------------------------------------------------------------------------
+# experts
+# --------------------------------------------------------------------------
+EXPERT_X = (2, 8, 5, 6)
+
+
+def _check_expert(buffers: Set[str] = frozenset()):
+
+    def check(m, out):
+        assert isinstance(out, Tensor)
+        assert out.shape == EXPERT_X
+        assert torch.isfinite(out).all()
+        params = dict(m.named_parameters())
+        for b in buffers:  # fixed filters are buffers, never trained
+            assert b in dict(m.named_buffers()) and b not in params
+
+    return check
+
+
+def _expert_case(type_: str, buffers=frozenset(), id_='default', **kw):
+    return Case(id_, dict(type=type_, channels=EXPERT_X[1], **kw),
+                _run_on(_maps(*EXPERT_X)), _check_expert(set(buffers)))
+
+
+EXPERT_CASES = {
+    'SpatialExpert': [
+        _expert_case('SpatialExpert'),
+        _expert_case('SpatialExpert', id_='fixed-alpha',
+                     learnable_alpha=False),
+    ],
+    'ContextExpert': [_expert_case('ContextExpert', num_heads=2)],
+    'BoundaryExpert': [_expert_case('BoundaryExpert', buffers={'sobel'})],
+    'ShapeExpert': [
+        _expert_case('ShapeExpert', buffers={'blur', 'laplacian'}),
+        _expert_case('ShapeExpert', buffers={'laplacian'},
+                     id_='learnable-blur', learnable_blur=True),
+    ],
+    'DWConvBoundaryExpert': [_expert_case('DWConvBoundaryExpert')],
+    'DWConvSpatialExpert': [_expert_case('DWConvSpatialExpert')],
+}
+
+
+# --------------------------------------------------------------------------
+# SERA-Adapter
+# --------------------------------------------------------------------------
+ADAPTER_CFG = dict(type='SERAAdapter', embed_dims=24, text_dims=16,
+                   hidden_dims=8, num_heads=2)
+ADAPTER_X = _maps(2, 20, 24)
+
+
+def _check_adapter(m, out):
+    assert isinstance(out, AdapterOutput)
+    assert out.tokens.shape == ADAPTER_X.shape
+    assert out.routing.shape == (2, 2)
+    torch.testing.assert_close(out.routing.sum(-1), torch.ones(2))
+    assert out.aux_losses == {}
+    # zero-initialised up-projection: a fresh adapter is the identity
+    torch.testing.assert_close(out.tokens, ADAPTER_X, atol=0, rtol=0)
+
+
+ADAPTER_TEXT_ONLY = ('text_proj.', 'query_norm.', 'cross_attn.',
+                     'route_text_proj.')
+ADAPTER_CASES = [
+    Case('text', ADAPTER_CFG,
+         lambda m: m(ADAPTER_X, hw=(4, 5), text=_text(dims=16)),
+         _check_adapter),
+    # Without a sentence the cross-attention and the text half of the
+    # router input are skipped, so their parameters get no gradient.
+    Case('no-text', ADAPTER_CFG,
+         lambda m: m(ADAPTER_X, hw=(4, 5), text=None), _check_adapter,
+         no_grad=lambda m, out: {
+             n
+             for p in ADAPTER_TEXT_ONLY for n in _names_under(m, p)
+         }),
+]
+
+
+# --------------------------------------------------------------------------
+# SERA-Fusion
+# --------------------------------------------------------------------------
+def _fusion_cfg(**kw):
+    cfg = dict(type='SERAFusion', in_channels=[12, 20], channels=16,
+               text_dims=8, context_heads=2)
+    cfg.update(kw)
+    return cfg
+
+
+def _run_fusion(m):
+    feats = (_maps(2, 12, 3, 4, seed=1), _maps(2, 20, 3, 4, seed=2))
+    return m(feats, text=_text(dims=6, pooled_dims=8))
+
+
+def _check_fusion(top_k: int, routing: str):
+
+    def check(m, out):
+        assert isinstance(out, NeckOutput)
+        assert len(out.feats) == 1 and out.feats[0].shape == (2, 16, 3, 4)
+        assert set(out.aux_losses) == {
+            'loss_moe_z', 'loss_moe_balance', 'loss_moe_token'
+        }
+        for v in out.aux_losses.values():
+            assert v.ndim == 0 and torch.isfinite(v)
+        lead = (2, ) if routing == 'sample' else (2, 12)
+        assert out.routing['weights'].shape == lead + (4, )
+        assert out.routing['indices'].shape == lead + (top_k, )
+
+    return check
+
+
+def _unrouted_experts(m, out) -> Set[str]:
+    """Experts no unit is routed to are not run, so they get no grad."""
+    routed = set(out.routing['indices'].unique().tolist())
+    return {
+        n
+        for e in range(m.num_experts) if e not in routed
+        for n in _names_under(m, f'experts.{e}.')
+    }
+
+
+def _forced_single_expert(m):
+    """top_k=1 with the router driven to expert 1 for every sample, so the
+    other three are certainly un-routed: the text half of the router input
+    is LN(s) + 1 (a LayerNorm output sums to 0 without the bias), and only
+    expert 1 reads it."""
+    with torch.no_grad():
+        m.router_norm_text.bias.fill_(1.0)
+        m.router.gate.weight.zero_()
+        m.router.gate.weight[1, m.channels:] = 1.0
+    # Noise stays on (std ~0.7 against a logit margin of ~8; the seed is
+    # fixed): the noise projection still learns through the noisy probs.
+    return _run_fusion(m)
+
+
+FUSION_CASES = [
+    Case('top4-sample', _fusion_cfg(), _run_fusion,
+         _check_fusion(4, 'sample')),
+    Case('top4-token', _fusion_cfg(routing='token'), _run_fusion,
+         _check_fusion(4, 'token')),
+    Case('top2-token', _fusion_cfg(routing='token', top_k=2), _run_fusion,
+         _check_fusion(2, 'token'), no_grad=_unrouted_experts),
+    Case('top1-forced', _fusion_cfg(top_k=1), _forced_single_expert,
+         _check_fusion(1, 'sample'),
+         no_grad=lambda m, out: (_unrouted_experts(m, out) if (
+             out.routing['indices'] == 1).all() else {'routing-not-forced'})),
+]
+
+
+# --------------------------------------------------------------------------
+# DINOv2
+# --------------------------------------------------------------------------
+def _dinov2_cfg(**kw):
+    cfg = dict(type='DINOv2',
+               arch=dict(embed_dims=24, num_layers=3, num_heads=2,
+                         mlp_ratio=2),
+               img_size=56, num_register_tokens=2, out_indices=(1, 2),
+               trainable='full')
+    cfg.update(kw)
+    return cfg
+
+
+DINO_ADAPTER = dict(type='SERAAdapter', text_dims=16, hidden_dims=8,
+                    num_heads=2)
+DINO_X = _maps(2, 3, 42, 56)  # non-square, not the 4 x 4 pre-training grid
+
+
+def _check_dinov2(levels: int):
+
+    def check(m, out):
+        assert isinstance(out, tuple) and len(out) == levels
+        for f in out:
+            assert f.shape == (2, 24, 3, 4)
+        if m.trainable != 'full':
+            m.train()  # the backbone's own modules stay in eval mode
+            assert not m.blocks.training and not m.patch_embed.training
+            assert all(a.training for a in m.adapters.values())
+
+    return check
+
+
+DINOV2_CASES = [
+    Case('full', _dinov2_cfg(), lambda m: m(DINO_X), _check_dinov2(2)),
+    # Blocks after the last out index are not run.
+    Case('full-early-out', _dinov2_cfg(out_indices=(0, )),
+         lambda m: m(DINO_X), _check_dinov2(1),
+         no_grad=lambda m, out: _names_under(m, 'blocks.1.')
+         | _names_under(m, 'blocks.2.')),
+    Case('ln_bias-adapter',
+         _dinov2_cfg(trainable='ln_bias', adapter_indices=(1, ),
+                     adapter_cfg=DINO_ADAPTER),
+         lambda m: m(DINO_X, text=_text(dims=16)), _check_dinov2(2),
+         trainable=lambda m: _ln_bias_names(m, skip='adapters')
+         | _names_under(m, 'adapters.')),
+    Case('frozen-adapter',
+         _dinov2_cfg(trainable='frozen', adapter_indices=(0, 2),
+                     adapter_cfg=DINO_ADAPTER),
+         lambda m: m(DINO_X, text=_text(dims=16)), _check_dinov2(2),
+         trainable=lambda m: _names_under(m, 'adapters.')),
+]
+
+
+# --------------------------------------------------------------------------
+# OpenCLIP text encoder
+# --------------------------------------------------------------------------
+SENTENCES = ['the big blue square on the left', 'a red ball']
+
+
+def _clip_cfg(trainable: str):
+    return dict(type='OpenCLIPTextEncoder', model_name='ViT-B-16',
+                text_cfg=dict(width=16, layers=1, heads=2), embed_dim=8,
+                context_length=10, pretrained=None, trainable=trainable)
+
+
+def _check_clip(m, out):
+    assert isinstance(out, TextFeatures)
+    assert out.tokens.shape == (2, 10, 16)
+    assert out.pooled.shape == (2, 8)
+    assert out.mask.dtype == torch.bool and out.mask.shape == (2, 10)
+    # SOT ... EOT then padding: padding is a suffix, longer sentence has less
+    lengths = (~out.mask).sum(1)
+    assert lengths[0] > lengths[1] >= 3
+    for b in range(2):
+        assert not out.mask[b, :lengths[b]].any()
+        assert out.mask[b, lengths[b]:].all()
+    if m.trainable == 'frozen':
+        m.train()
+        assert not m.training  # a frozen tower stays in eval mode
+        assert not any(t.requires_grad for t in _float_tensors(out))
+
+
+CLIP_CASES = [
+    Case('full', _clip_cfg('full'), lambda m: m(SENTENCES), _check_clip),
+    Case('ln_bias', _clip_cfg('ln_bias'), lambda m: m(SENTENCES),
+         _check_clip, trainable=_ln_bias_names),
+    Case('frozen', _clip_cfg('frozen'), lambda m: m(SENTENCES), _check_clip,
+         trainable=lambda m: set()),
+]
+
+
+# --------------------------------------------------------------------------
+# Refer head
+# --------------------------------------------------------------------------
+def _head_cfg(**kw):
+    cfg = dict(type='ReferHead', in_channels=16, channels=8, text_dims=12,
+               pooled_dims=10, num_decoder_layers=1, decoder_heads=2)
+    cfg.update(kw)
+    return cfg
+
+
+def _check_head(m, out):
+    assert isinstance(out, Tensor)
+    # 4 x 5 at stride 14 -> floor(3.5 h + 0.5) x floor(3.5 w + 0.5) at 4
+    assert out.shape == (2, 1, 14, 18)
+    assert torch.isfinite(out).all()
+
+
+def _run_head(m):
+    return m((_maps(2, 16, 4, 5), ), _text(L=6, dims=12, pooled_dims=10))
+
+
+HEAD_CASES = [
+    Case('decoder', _head_cfg(), _run_head, _check_head),
+    Case('no-decoder', _head_cfg(num_decoder_layers=0, kernel_size=3),
+         _run_head, _check_head),
+]
+
+
+# --------------------------------------------------------------------------
+# Segmentor
+# --------------------------------------------------------------------------
+def _segmentor_cfg(**overrides) -> dict:
+    model = Config.fromfile(TINY_CONFIG).model.to_dict()
+    for part, kw in overrides.items():
+        model[part].update(kw)
+    return model
+
+
+def _run_segmentor(m):
+    g = _gen(0)
+    samples = []
+    for text in ('the red circle', 'a small blue square at the top'):
+        s = SegDataSample()
+        s.gt_sem_seg = PixelData(
+            data=torch.randint(0, 2, (1, 56, 70), generator=g))
+        s.set_metainfo(
+            dict(text=text, ori_shape=(56, 70), img_shape=(56, 70),
+                 pad_shape=(56, 70)))
+        samples.append(s)
+    inputs = [
+        torch.randint(0, 256, (3, 56, 70), generator=g, dtype=torch.uint8)
+        for _ in samples
+    ]
+    data = m.data_preprocessor(
+        dict(inputs=inputs, data_samples=samples), training=True)
+    return m(**data, mode='loss')
+
+
+def _check_segmentor(m, out):
+    assert isinstance(out, dict)
+    assert {
+        'loss_mask', 'loss_dice', 'loss_moe_z', 'loss_moe_balance',
+        'loss_moe_token'
+    } <= set(out)
+    for k, v in out.items():
+        assert v.ndim == 0 and torch.isfinite(v), k
+        assert v.requires_grad == k.startswith('loss'), k
+
+
+def _paper_trainable(m) -> Set[str]:
+    """Frozen text tower; backbone LayerNorm + bias; all else trains."""
+    names = {n for n, _ in m.named_parameters()}
+    names -= _names_under(m, 'text_encoder.')
+    names -= _names_under(m, 'backbone.')
+    names |= {
+        'backbone.' + n
+        for n in _ln_bias_names(m.backbone, skip='adapters')
+    }
+    names |= _names_under(m, 'backbone.adapters.')
+    return names
+
+
+SEGMENTOR_CASES = [
+    Case('tiny-config', _segmentor_cfg(), _run_segmentor, _check_segmentor),
+    Case('tiny-config-paper-freezing',
+         _segmentor_cfg(backbone=dict(trainable='ln_bias'),
+                        text_encoder=dict(trainable='frozen')),
+         _run_segmentor, _check_segmentor, trainable=_paper_trainable),
+]
+
+# --------------------------------------------------------------------------
+CASES: Dict[str, List[Case]] = {
+    'NoisyTopKRouter': ROUTER_CASES,
+    'SoftRouter': SOFT_ROUTER_CASES,
+    **EXPERT_CASES,
+    'SERAAdapter': ADAPTER_CASES,
+    'SERAFusion': FUSION_CASES,
+    'DINOv2': DINOV2_CASES,
+    'OpenCLIPTextEncoder': CLIP_CASES,
+    'ReferHead': HEAD_CASES,
+    'ReferringEncoderDecoder': SEGMENTOR_CASES,
+}
+
+
+def test_every_registered_component_has_a_contract():
+    assert len(REGISTERED) >= 14, REGISTERED
+    missing = sorted(set(REGISTERED) - set(CASES))
+    assert not missing, (
+        f'{missing} are registered in mmseg MODELS by mmseg_sera but have '
+        'no entry in tests/test_models/test_contract.py CASES: add a tiny '
+        'config, an input maker and output checks')
+    stale = sorted(set(CASES) - set(REGISTERED))
+    assert not stale, f'CASES names unregistered components: {stale}'
+
+
+def _params(case_list):
+    """One param per case; a registered component without cases still gets
+    one (``case=None``), which fails."""
+    return [
+        pytest.param(name, case,
+                     id=f'{name}-{case.id if case else "MISSING"}')
+        for name in REGISTERED for case in (case_list.get(name) or [None])
+    ]
+
+
+@pytest.mark.parametrize('name,case', _params(CASES))
+def test_component_contract(name: str, case: Optional[Case]):
+    if case is None:
+        pytest.fail(f'{name} has no contract case (see CASES)')
+    torch.manual_seed(0)
+    with DefaultScope.overwrite_default_scope('mmseg'):
+        module = MODELS.build(dict(case.cfg))
+    assert type(module) is MODELS.get(name), (type(module), name)
+    module.train(case.train)
+
+    all_params = dict(module.named_parameters())
+    assert all_params, f'{name} has no parameters'
+    trainable = (set(all_params) if case.trainable is None else
+                 case.trainable(module))
+    assert trainable <= set(all_params)
+    actual = {n for n, p in all_params.items() if p.requires_grad}
+    assert actual == trainable, (
+        f'requires_grad differs from the policy: unexpected '
+        f'{sorted(actual - trainable)}, missing {sorted(trainable - actual)}')
+
+    out = case.run(module)
+    case.check(module, out)
+    for t in _float_tensors(out):
+        assert torch.isfinite(t).all()
+
+    exceptions = case.no_grad(module, out)
+    assert exceptions <= trainable, sorted(exceptions - trainable)
+    scalar = _scalar(out)
+    if not trainable:
+        assert scalar is None, 'outputs carry a graph with nothing to train'
+        got = set()
+    else:
+        assert scalar is not None, 'no output carries a gradient'
+        scalar.backward()
+        got = {n for n, p in all_params.items() if p.grad is not None}
+    expected = trainable - exceptions
+    assert got == expected, (
+        f'gradients on unexpected parameters {sorted(got - expected)}, '
+        f'missing on {sorted(expected - got)}')
+    for n in got:
+        assert torch.isfinite(all_params[n].grad).all(), n
