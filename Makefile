@@ -20,7 +20,7 @@ $(DATA)/refcoco/instances.json: | install
 demo: install $(DATA)/refcoco/instances.json
 	$(PY) tools/train.py $(DEMO_CFG) --work-dir $(DEMO)
 	$(PY) tools/test.py $(DEMO_CFG) $$(cat $(DEMO)/last_checkpoint) --work-dir $(DEMO) \
-	    --show-dir $(DEMO)/overlays --out $(DEMO)
+	    --show-dir $(DEMO)/overlays --show-interval 10 --out $(DEMO)
 
 clean-demo:
 	rm -rf $(DEMO)

@@ -3,6 +3,7 @@
 Flags as MMSegmentation's ``tools/test.py``.
 """
 import argparse
+import json
 import os
 import os.path as osp
 
@@ -17,8 +18,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('config', help='config file path')
     p.add_argument('checkpoint', help='checkpoint file')
     p.add_argument('--work-dir', help='directory for the evaluation logs')
-    p.add_argument('--out', help='directory for the per-expression results '
-                   '(OUT/per_expression.json: ref_id, sent_id, IoU)')
+    p.add_argument('--out', help='directory for the results: OUT/metrics.json '
+                   '(mIoU, oIoU, Pr@X) and OUT/per_expression.json (ref_id, '
+                   'sent_id, IoU of every sentence)')
     p.add_argument('--show', action='store_true', help='show predictions')
     p.add_argument('--show-dir', help='directory to save overlay pictures')
     p.add_argument('--show-interval', type=int, default=None,
@@ -70,7 +72,11 @@ def main(argv=None) -> None:
                 evaluator['out_file'] = osp.join(args.out,
                                                  'per_expression.json')
     runner = Runner.from_cfg(cfg)
-    runner.test()
+    metrics = runner.test()
+    if args.out is not None and runner.rank == 0:
+        os.makedirs(args.out, exist_ok=True)
+        with open(osp.join(args.out, 'metrics.json'), 'w') as f:
+            json.dump({k: float(v) for k, v in metrics.items()}, f, indent=1)
 
 
 if __name__ == '__main__':

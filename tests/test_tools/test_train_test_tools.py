@@ -80,6 +80,8 @@ def test_tools_test_evaluates_checkpoint(synthetic_root, uninterrupted,
         metrics = json.loads(f.readline())
     for key in ('mIoU', 'oIoU', 'Pr@0.5', 'Pr@0.9'):
         assert 0.0 <= metrics[key] <= 100.0
+    with open(out_dir / 'metrics.json') as f:
+        assert json.load(f)['mIoU'] == pytest.approx(metrics['mIoU'])
     with open(out_dir / 'per_expression.json') as f:
         per_expr = json.load(f)
     num_val_sentences = len(per_expr)
