@@ -177,3 +177,26 @@ def test_light_experts_formulas():
     # ReLU(BN(G + 0.1 * 2 G)); fresh BN in eval: identity up to eps
     expected = torch.relu(1.2 * g / (1 + 1e-5)**0.5)
     torch.testing.assert_close(boundary(g), expected)
+
+
+def test_image_only_adapter_has_no_text_parts():
+    import pytest
+    import torch
+    from mmseg_sera.models.adapters.sera_adapter import SERAAdapter
+    from mmseg_sera.models.structures import TextFeatures
+    torch.manual_seed(0)
+    adapter = SERAAdapter(24, text_dims=None, hidden_dims=8, num_heads=2)
+    names = [n for n, _ in adapter.named_parameters()]
+    assert not any(n.startswith(('text_proj', 'cross_attn', 'query_norm',
+                                 'route_text_proj')) for n in names)
+    x = torch.randn(2, 12, 24)
+    out = adapter(x, hw=(3, 4))
+    torch.testing.assert_close(out.tokens, x)  # fresh adapter: identity
+    (out.tokens.sum() + out.routing.sum()).backward()
+    # every parameter takes part (DDP without find_unused_parameters)
+    assert all(p.grad is not None for p in adapter.parameters())
+    text = TextFeatures(tokens=torch.randn(2, 3, 16),
+                        mask=torch.zeros(2, 3, dtype=torch.bool),
+                        pooled=torch.randn(2, 16))
+    with pytest.raises(ValueError, match='text_dims=None'):
+        adapter(x, hw=(3, 4), text=text)

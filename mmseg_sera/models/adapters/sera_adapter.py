@@ -43,10 +43,14 @@ class SERAAdapter(BaseModule):
     flatten(F)``) and the text half of ``z`` is zeros, so the same adapter
     serves text-free configs. A sample whose mask pads every word also skips
     the attention (its attention output is set to zero instead of NaN).
+    ``text_dims=None`` builds an image-only adapter without any text part
+    (no parameter that would never get a gradient, so DDP needs no
+    ``find_unused_parameters``); it refuses text.
 
     Args:
         embed_dims: C, the ViT width.
-        text_dims: Ct, width of ``text.tokens``.
+        text_dims: Ct, width of ``text.tokens``; None for an image-only
+            adapter (no cross-attention, routing on the image alone).
         pooled_dims: Cp, width of ``text.pooled``; defaults to ``text_dims``.
         hidden_dims: d.
         num_heads: heads of the cross-modal attention (d divisible by it).
@@ -68,7 +72,7 @@ class SERAAdapter(BaseModule):
     def __init__(self,
                  embed_dims: int,
                  *,
-                 text_dims: int = 512,
+                 text_dims: Optional[int] = 512,
                  pooled_dims: Optional[int] = None,
                  hidden_dims: int = 64,
                  num_heads: int = 4,
@@ -84,11 +88,15 @@ class SERAAdapter(BaseModule):
                  attn_drop: float = 0.0,
                  init_cfg: Optional[dict] = None) -> None:
         super().__init__(init_cfg=init_cfg)
-        pooled_dims = text_dims if pooled_dims is None else pooled_dims
+        if text_dims is None:  # image-only adapter
+            route_with_text = False
+            pooled_dims = None
+        else:
+            pooled_dims = text_dims if pooled_dims is None else pooled_dims
         for name, v in (('embed_dims', embed_dims), ('text_dims', text_dims),
                         ('pooled_dims', pooled_dims),
                         ('hidden_dims', hidden_dims)):
-            if v < 1:
+            if v is not None and v < 1:
                 raise ValueError(f'SERAAdapter: {name} must be positive, '
                                  f'got {v}')
         if num_heads < 1 or hidden_dims % num_heads:
@@ -127,10 +135,11 @@ class SERAAdapter(BaseModule):
             nn.Linear(pooled_dims, d) if route_with_text else None)
         self.router = SoftRouter(2 * d if route_with_text else d, 2)
 
-        self.text_proj = nn.Linear(text_dims, d)
-        self.query_norm = nn.LayerNorm(d)
-        self.cross_attn = nn.MultiheadAttention(
-            d, num_heads, dropout=attn_drop, batch_first=True)
+        if text_dims is not None:
+            self.text_proj = nn.Linear(text_dims, d)
+            self.query_norm = nn.LayerNorm(d)
+            self.cross_attn = nn.MultiheadAttention(
+                d, num_heads, dropout=attn_drop, batch_first=True)
 
         self.up_proj = nn.Linear(d, embed_dims)
         self._zero_up_proj()
@@ -156,6 +165,9 @@ class SERAAdapter(BaseModule):
                              f'patches but x has N={x.shape[1]} tokens')
         if text is None:
             return
+        if self.text_dims is None:
+            raise ValueError('SERAAdapter was built without text parts '
+                             '(text_dims=None) but was given text')
         B = x.shape[0]
         if (text.tokens.dim() != 3 or text.tokens.shape[0] != B
                 or text.tokens.shape[-1] != self.text_dims):
