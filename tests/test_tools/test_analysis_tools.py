@@ -1,0 +1,247 @@
+"""tools/analysis_tools/count_params.py and benchmark.py, on the tiny SERA
+config (and the paper config for the parameter budget)."""
+import importlib.util
+import json
+import os.path as osp
+
+import pytest
+import torch
+
+from ..conftest import REPO, TINY_CONFIG
+
+PAPER = osp.join(REPO, 'configs', 'sera',
+                 'sera_dinov2-b14-reg4_clip-b16_1xb16-50e_refcoco-448x448.py')
+FAST = ['--img-size', '112', '--batch-size', '2', '--repeats', '1',
+        '--warmup', '0', '--threads', '1']
+
+
+def _load(name: str):
+    path = osp.join(REPO, 'tools', 'analysis_tools', name + '.py')
+    spec = importlib.util.spec_from_file_location(f'_tool_{name}', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope='module')
+def cp():
+    return _load('count_params')
+
+
+@pytest.fixture(scope='module')
+def bm():
+    return _load('benchmark')
+
+
+@pytest.fixture(scope='module')
+def tiny_model(cp):
+    return cp.build_model(TINY_CONFIG)
+
+
+def _numel(params, trainable=False):
+    return sum(p.numel() for p in params if p.requires_grad or not trainable)
+
+
+# --------------------------------------------------------------------------
+# count_params
+# --------------------------------------------------------------------------
+def test_count_parameters_matches_independent_sums(cp, tiny_model):
+    model = tiny_model
+    flags = {p: p.requires_grad for p in model.parameters()}
+    try:
+        # a mix of frozen and trainable parts
+        for p in model.text_encoder.parameters():
+            p.requires_grad_(False)
+        model.backbone.blocks[0].attn.qkv.weight.requires_grad_(False)
+        counts = cp.count_parameters(model)
+    finally:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+
+    parts = counts['parts']
+    assert set(parts) == set(cp.PART_NAMES)
+    assert sum(r['total'] for r in parts.values()) == counts['total'][
+        'total'] == sum(p.numel() for p in model.parameters())
+    assert sum(r['trainable'] for r in parts.values()) == counts['total'][
+        'trainable']
+    adapters = list(model.backbone.adapters.parameters())
+    assert parts['adapters']['total'] == _numel(adapters) > 0
+    own = [p for n, p in model.backbone.named_parameters()
+           if not n.startswith('adapters.')]
+    assert parts['backbone']['total'] == _numel(own)
+    qkv = model.backbone.blocks[0].attn.qkv.weight.numel()
+    assert parts['backbone']['trainable'] == _numel(own) - qkv
+    assert counts['backbone_trainable_percent'] == pytest.approx(
+        100. * (_numel(own) - qkv) / _numel(own))
+    assert parts['text_encoder'] == dict(
+        total=_numel(model.text_encoder.parameters()), trainable=0)
+    assert parts['neck']['total'] == parts['neck']['trainable'] == _numel(
+        model.neck.parameters())
+    assert parts['head']['total'] == _numel(model.decode_head.parameters())
+    assert parts['other']['total'] == 0
+    assert counts['total']['trainable'] == sum(
+        p.numel() for p in model.parameters()) - qkv - parts[
+            'text_encoder']['total']
+
+
+def test_count_params_cli_writes_json(cp, tiny_model, tmp_path, capsys):
+    out = tmp_path / 'counts.json'
+    counts = cp.main([TINY_CONFIG, '--json', str(out)])
+    with open(out) as f:
+        saved = json.load(f)
+    assert saved['parts'] == counts['parts']
+    assert saved['total']['total'] == sum(
+        p.numel() for p in tiny_model.parameters())
+    printed = capsys.readouterr().out
+    assert 'adapters' in printed and 'trainable share' in printed
+    with pytest.raises(FileNotFoundError, match='no_such_config'):
+        cp.main([str(tmp_path / 'no_such_config.py')])
+    with pytest.raises(TypeError):
+        cp.count_parameters(object())
+
+
+def test_paper_config_parameter_budget(cp):
+    counts = cp.count_parameters(cp.build_model(PAPER))
+    parts = counts['parts']
+    print(cp.format_table(counts, title='paper config'))
+    # LayerNorm + bias of ViT-B/14: about 0.14 % of the backbone
+    assert 0 < counts['backbone_trainable_percent'] < 0.2
+    assert counts['total']['trainable'] <= 15e6
+    assert parts['text_encoder']['trainable'] == 0
+    assert parts['adapters']['trainable'] == parts['adapters']['total'] > 0
+    assert 86e6 < parts['backbone']['total'] < 87e6  # ViT-B/14 + 4 registers
+
+
+# --------------------------------------------------------------------------
+# benchmark: helpers
+# --------------------------------------------------------------------------
+def test_time_phase_remeasures_disturbed_runs(bm, monkeypatch):
+    clock = [0.]
+    # attempt 1: 1 s and 3 s (spread 3); attempt 2: 2 s and 2.2 s
+    durations = iter([1., 3., 2., 2.2])
+
+    def fn():
+        clock[0] += next(durations)
+
+    monkeypatch.setattr(bm.time, 'perf_counter', lambda: clock[0])
+    r = bm.time_phase(fn, torch.device('cpu'), repeats=2, warmup=0,
+                      max_spread=1.5, max_attempts=3)
+    assert r['disturbed'] and r['attempts'] == 2
+    assert r['times_s'] == pytest.approx([2., 2.2])
+    assert r['median_s'] == pytest.approx(2.1)
+    assert r['attempt_medians_s'] == pytest.approx([2., 2.1])
+    assert len(r['loadavg_before']) == 3
+    with pytest.raises(ValueError, match='repeats'):
+        bm.time_phase(fn, torch.device('cpu'), repeats=0, warmup=0)
+
+
+def test_bypass_freeze_and_loss_sum(bm, tiny_model):
+    backbone = tiny_model.backbone.eval()
+    calls = []
+    handles = [a.register_forward_hook(lambda *_: calls.append(1))
+               for a in backbone.adapters.values()]
+    x = torch.randn(1, 3, 56, 56)
+    adapters = backbone.adapters
+    try:
+        with bm.adapters_bypassed(backbone), torch.no_grad():
+            feats = bm.backbone_features(backbone, x)
+        assert calls == [] and backbone.adapters is adapters
+        with torch.no_grad():
+            bm.backbone_features(backbone, x)
+        assert len(calls) == len(adapters) == 2
+    finally:
+        for h in handles:
+            h.remove()
+    assert [f.shape for f in feats] == [(1, 96, 4, 4)] * 3
+
+    flags = [p.requires_grad for p in backbone.parameters()]
+    with bm.params_frozen(backbone):
+        assert not any(p.requires_grad for p in backbone.parameters())
+    assert [p.requires_grad for p in backbone.parameters()] == flags
+
+    one = torch.tensor(1.)
+    total = bm.total_loss(dict(loss_a=one, loss_b=[one, 2 * one], acc=one))
+    assert total.item() == 4.
+    with pytest.raises(ValueError, match='no loss'):
+        bm.total_loss(dict(acc=one))
+
+
+def test_batch_is_fixed_and_preprocessed(bm, tiny_model):
+    a, b = bm.make_batch(3, 112, seed=1), bm.make_batch(3, 112, seed=1)
+    assert all(torch.equal(x, y) for x, y in zip(a['inputs'], b['inputs']))
+    assert [s.metainfo['text'] for s in a['data_samples']] == list(
+        bm.SENTENCES[:3])
+    assert set(a['data_samples'][0].gt_sem_seg.data.unique().tolist()) == {
+        0, 1}
+    data = bm.preprocess(tiny_model, a, training=True)
+    assert data['inputs'].shape == (3, 3, 112, 112)
+    assert data['inputs'].dtype == torch.float32
+    # the raw batch is not modified
+    assert a['inputs'][0].dtype == torch.uint8
+    with pytest.raises(ValueError, match='positive'):
+        bm.make_batch(0, 112)
+
+
+# --------------------------------------------------------------------------
+# benchmark: end to end
+# --------------------------------------------------------------------------
+def test_benchmark_single_config_json(bm, tmp_path, capsys):
+    out = tmp_path / 'bench.json'
+    threads = torch.get_num_threads()
+    report = bm.main([TINY_CONFIG, *FAST, '--breakdown', '--profile', '3',
+                      '--json', str(out)])
+    assert torch.get_num_threads() == threads  # restored
+    with open(out) as f:
+        saved = json.load(f)
+    run, = saved['results']
+    assert saved['env']['threads'] == 1
+    assert set(run['phases']) == set(bm.PHASES)
+    ref = run['phases']['frozen_forward']['median_s']
+    assert run['phases']['frozen_forward']['ratio'] == 1.0
+    for name, r in run['phases'].items():
+        assert r['median_s'] > 0 and len(r['times_s']) == 1
+        assert r['ratio'] == pytest.approx(r['median_s'] / ref)
+        assert r['peak_mem_mb'] > 0
+        assert len(r['loadavg_before']) == len(r['loadavg_after']) == 3
+    assert run['params']['trainable'] == run['params']['total'] > 0
+    parts = run['breakdown']
+    assert parts['step'] > 0 and parts['forward'] > 0 and parts[
+        'backward'] > 0
+    fwd_parts = [k for k in parts if k.startswith('fwd_')]
+    assert sum(parts[k] for k in fwd_parts) == pytest.approx(
+        parts['forward'])
+    assert parts['fwd_adapters'] > 0 and parts['bwd_adapters'] > 0
+    assert parts['bwd_head'] > 0 and parts['bwd_neck'] > 0
+    # the engine meets the parts in the order the timeline assumes
+    assert all(parts[k] >= 0 for k in parts if k.startswith('bwd_'))
+    bwd = sum(parts[k] for k in parts if k.startswith('bwd_'))
+    assert bwd == pytest.approx(parts['backward'])
+    assert len(run['profile']) == 3
+    assert report['results'][0]['label'] == run['label']
+    printed = capsys.readouterr().out
+    assert '(a) frozen backbone forward' in printed
+    assert 'training step breakdown' in printed
+
+
+def test_benchmark_two_configs(bm, tmp_path, capsys):
+    no_adapter = tmp_path / 'tiny_no_adapter.py'
+    no_adapter.write_text(f'_base_ = [{TINY_CONFIG!r}]\n'
+                          'model = dict(backbone=dict(adapter_indices=()))\n')
+    report = bm.main([TINY_CONFIG, str(no_adapter), *FAST])
+    a, b = report['results']
+    assert b['label'] == 'tiny_no_adapter'
+    assert b['params']['total'] < a['params']['total']
+    for name in bm.PHASES:
+        assert report['b_over_a'][name] == pytest.approx(
+            b['phases'][name]['median_s'] / a['phases'][name]['median_s'])
+    assert a['phases']['frozen_forward']['ratio'] == b['phases'][
+        'frozen_forward']['ratio'] == 1.0
+    assert 'B / A' in capsys.readouterr().out
+
+
+def test_benchmark_bad_arguments(bm, tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match='missing.py'):
+        bm.main([str(tmp_path / 'missing.py'), *FAST])
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    with pytest.raises(ValueError, match='CUDA'):
+        bm.main([TINY_CONFIG, *FAST, '--device', 'cuda'])

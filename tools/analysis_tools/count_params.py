@@ -1,0 +1,157 @@
+"""Count total and trainable parameters of a referring segmentor, per part.
+
+    python tools/analysis_tools/count_params.py CONFIG [--json FILE]
+        [--cfg-options KEY=VALUE ...]
+
+Builds the model of CONFIG with random weights (``init_weights`` is not
+run, so no checkpoint is read) and prints, for each part, the number of
+parameters and how many of them have ``requires_grad``:
+
+    backbone       the backbone's own parameters (``backbone.adapters``
+                   excluded)
+    adapters       ``backbone.adapters`` (SERA-Adapter and peers)
+    text_encoder   the sentence encoder
+    neck           the neck (SERA-Fusion)
+    head           ``decode_head`` (and ``auxiliary_head`` if any)
+    other          anything else (normally nothing)
+
+plus the total and the trainable share of the backbone's own parameters
+(``100 * trainable / total`` over ``backbone`` above, in percent).  Each
+parameter tensor is counted once, in the first part that owns it.
+"""
+import argparse
+import json
+import os
+import os.path as osp
+from typing import Dict, List, Optional
+
+import torch.nn as nn
+from mmengine.config import DictAction
+
+# (part, parameter-name prefixes), checked in this order
+PARTS = (
+    ('backbone', None),  # filled in by _part_of: backbone.* not adapters
+    ('adapters', ('backbone.adapters.', )),
+    ('text_encoder', ('text_encoder.', )),
+    ('neck', ('neck.', )),
+    ('head', ('decode_head.', 'auxiliary_head.')),
+    ('other', ()),
+)
+PART_NAMES = tuple(name for name, _ in PARTS)
+
+
+def _part_of(name: str) -> str:
+    """Part of a parameter named as in ``model.named_parameters()``."""
+    if name.startswith('backbone.adapters.'):
+        return 'adapters'
+    if name.startswith('backbone.'):
+        return 'backbone'
+    for part, prefixes in PARTS[2:-1]:
+        if name.startswith(prefixes):
+            return part
+    return 'other'
+
+
+def count_parameters(model: nn.Module) -> Dict:
+    """Per-part parameter counts of a segmentor.
+
+    Args:
+        model: a segmentor with ``backbone`` (optionally
+            ``backbone.adapters``), ``text_encoder``, ``neck`` and
+            ``decode_head`` children; missing parts count 0.
+
+    Returns:
+        dict with
+
+        - ``parts``: part name (``PART_NAMES``) -> ``{'total': int,
+          'trainable': int}``; the parts sum to ``total``;
+        - ``total``: ``{'total': int, 'trainable': int}`` over every
+          distinct parameter tensor;
+        - ``backbone_trainable_percent``: ``100 * trainable / total`` of
+          the backbone's own parameters (0.0 when it has none).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError('count_parameters expects a torch.nn.Module, got '
+                        f'{type(model).__name__}')
+    parts = {name: dict(total=0, trainable=0) for name in PART_NAMES}
+    # named_parameters() yields each tensor once (shared ones too).
+    for name, p in model.named_parameters():
+        row = parts[_part_of(name)]
+        row['total'] += p.numel()
+        if p.requires_grad:
+            row['trainable'] += p.numel()
+    total = dict(
+        total=sum(r['total'] for r in parts.values()),
+        trainable=sum(r['trainable'] for r in parts.values()))
+    bb = parts['backbone']
+    share = 100. * bb['trainable'] / bb['total'] if bb['total'] else 0.
+    return dict(parts=parts, total=total, backbone_trainable_percent=share)
+
+
+def _fmt(n: int) -> str:
+    return f'{n:,} ({n / 1e6:.3f} M)'
+
+
+def format_table(counts: Dict, title: Optional[str] = None) -> str:
+    """The counts of :func:`count_parameters` as a text table."""
+    from prettytable import PrettyTable
+    table = PrettyTable(['part', 'parameters', 'trainable', 'trainable %'])
+    if title:
+        table.title = title
+    rows = [(k, v) for k, v in counts['parts'].items()
+            if k != 'other' or v['total']]
+    rows.append(('total', counts['total']))
+    for name, r in rows:
+        pct = 100. * r['trainable'] / r['total'] if r['total'] else 0.
+        table.add_row([name, _fmt(r['total']), _fmt(r['trainable']),
+                       f'{pct:.3f}'])
+    table.align['parameters'] = 'r'
+    table.align['trainable'] = 'r'
+    table.align['trainable %'] = 'r'
+    return (table.get_string() + '\nbackbone (own parameters, adapters '
+            f'excluded) trainable share: '
+            f'{counts["backbone_trainable_percent"]:.4f} %')
+
+
+def build_model(config: str, cfg_options: Optional[dict] = None
+                ) -> nn.Module:
+    """Build the model of ``config`` with random weights (no
+    ``init_weights``: no checkpoint is read)."""
+    from mmengine.registry import init_default_scope
+    from mmseg.registry import MODELS
+
+    from mmseg_sera.apis.config import load_config  # registers components
+    cfg = load_config(config, cfg_options)
+    init_default_scope(cfg.get('default_scope', 'mmseg'))
+    return MODELS.build(cfg.model)
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description='Count total and trainable parameters per part')
+    p.add_argument('config', help='config file path')
+    p.add_argument('--json', metavar='FILE',
+                   help='also write the counts to this JSON file')
+    p.add_argument('--cfg-options', nargs='+', action=DictAction,
+                   help='override config entries, e.g. '
+                   'model.backbone.adapter_indices=()')
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[List[str]] = None) -> Dict:
+    args = parse_args(argv)
+    model = build_model(args.config, args.cfg_options)
+    counts = count_parameters(model)
+    counts['config'] = osp.abspath(args.config)
+    print(format_table(counts, title=osp.basename(args.config)))
+    if args.json:
+        folder = osp.dirname(osp.abspath(args.json))
+        os.makedirs(folder, exist_ok=True)
+        with open(args.json, 'w') as f:
+            json.dump(counts, f, indent=2)
+        print(f'written {args.json}')
+    return counts
+
+
+if __name__ == '__main__':
+    main()
