@@ -216,11 +216,16 @@ def test_benchmark_single_config_json(bm, tmp_path, capsys):
     assert all(parts[k] >= 0 for k in parts if k.startswith('bwd_'))
     bwd = sum(parts[k] for k in parts if k.startswith('bwd_'))
     assert bwd == pytest.approx(parts['backward'])
+    inf = run['breakdown_inference']
+    assert inf['inference'] > 0 and inf['head'] > 0 and inf['adapters'] > 0
+    assert sum(v for k, v in inf.items() if k != 'inference') == \
+        pytest.approx(inf['inference'])
     assert len(run['profile']) == 3
     assert report['results'][0]['label'] == run['label']
     printed = capsys.readouterr().out
     assert '(a) frozen backbone forward' in printed
     assert 'training step breakdown' in printed
+    assert 'inference breakdown' in printed
 
 
 def test_benchmark_two_configs(bm, tmp_path, capsys):

@@ -60,9 +60,14 @@ forward / backward / optimizer, the forward into text encoder, backbone
 blocks, adapters, neck, head and losses (wall time of each call, taken by
 wrapping the instance's ``forward``), and the backward into the same parts
 (times at which gradient hooks on the parts' inputs and outputs fire, see
-:class:`StepTimeline`); nothing in the model's code changes.
-``--profile N`` adds the N aten operators with the
-largest self CPU time in one training step (``torch.profiler``).
+:class:`StepTimeline`), and splits ``predict`` the same way; nothing in
+the model's code changes.  ``--profile N`` adds the N aten operators with
+the largest self CPU time in one training step (``torch.profiler``).
+
+On a shared CPU machine pass ``--threads 1``: with two OpenMP threads and
+other jobs on the two cores, a descheduled thread stalls every parallel
+region (the tiny config's backbone forward took 0.42 s with 2 threads
+instead of 0.010 s with 1 on such a machine).
 """
 import argparse
 import contextlib
@@ -577,6 +582,32 @@ def breakdown_train_step(model: nn.Module, train_data: Dict,
     return {k: statistics.median(v) for k, v in rows.items()}
 
 
+def breakdown_inference(model: nn.Module, test_data: Dict,
+                        autocast: Callable, device: torch.device,
+                        repeats: int = 3) -> Dict[str, float]:
+    """Seconds per part of one ``predict`` call (median over ``repeats``):
+    ``inference`` (whole call), ``text_encoder``, ``backbone_blocks``
+    (backbone minus adapters), ``adapters``, ``neck``, ``head`` and
+    ``other`` (resizing to the original size, thresholding)."""
+    rows = defaultdict(list)
+    for _ in range(repeats):
+        model.eval()
+        with StepTimeline(model, device) as tl, torch.no_grad():
+            t0 = tl._now()
+            with autocast():
+                model(**test_data, mode='predict')
+            t1 = tl._now()
+        f = tl.fwd
+        parts = dict(inference=t1 - t0, text_encoder=f['text_encoder'],
+                     backbone_blocks=f['backbone'] - f['adapters'],
+                     adapters=f['adapters'], neck=f['neck'], head=f['head'])
+        parts['other'] = parts['inference'] - sum(
+            f[k] for k in ('text_encoder', 'backbone', 'neck', 'head'))
+        for k, v in parts.items():
+            rows[k].append(v)
+    return {k: statistics.median(v) for k, v in rows.items()}
+
+
 def profile_train_step(step: Callable[[], None], top: int) -> List[Dict]:
     """The ``top`` operators by self CPU time in one call of ``step``."""
     from torch.profiler import ProfilerActivity, profile
@@ -641,6 +672,8 @@ def benchmark_config(config: str, batch: Dict, args: argparse.Namespace,
         out['breakdown'] = breakdown_train_step(
             model, train_data, optimizer, autocast, device,
             repeats=args.repeats)
+        out['breakdown_inference'] = breakdown_inference(
+            model, test_data, autocast, device, repeats=args.repeats)
     if args.profile:
         out['profile'] = profile_train_step(phases['train_step'],
                                             args.profile)
@@ -717,6 +750,9 @@ def format_tables(report: Dict) -> str:
     for run in runs:
         if 'breakdown' in run:
             lines.append(format_breakdown(run['breakdown'], run['label']))
+        if 'breakdown_inference' in run:
+            lines.append(format_inference_breakdown(
+                run['breakdown_inference'], run['label']))
         if 'profile' in run:
             ptab = PrettyTable(['op', 'calls', 'self CPU s', 'share %'])
             ptab.title = f'top operators, one training step: {run["label"]}'
@@ -727,6 +763,18 @@ def format_tables(report: Dict) -> str:
             ptab.align['op'] = 'l'
             lines.append(ptab.get_string())
     return '\n'.join(lines)
+
+
+def format_inference_breakdown(parts: Dict[str, float], label: str) -> str:
+    from prettytable import PrettyTable
+    table = PrettyTable(['part of inference', 'seconds', '% of inference'])
+    table.title = f'inference breakdown: {label}'
+    for key in ('text_encoder', 'backbone_blocks', 'adapters', 'neck',
+                'head', 'other', 'inference'):
+        table.add_row([key.replace('_', ' '), f'{parts[key]:.3f}',
+                       f'{100 * parts[key] / parts["inference"]:.1f}'])
+    table.align['part of inference'] = 'l'
+    return table.get_string()
 
 
 def format_breakdown(parts: Dict[str, float], label: str) -> str:
@@ -779,7 +827,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument('--threads', type=int,
                    help='torch.set_num_threads (default: torch\'s)')
     p.add_argument('--breakdown', action='store_true',
-                   help='split a training step per component')
+                   help='split a training step and predict per component')
     p.add_argument('--profile', type=int, default=0, metavar='N',
                    help='list the N operators with most self CPU time')
     p.add_argument('--seed', type=int, default=0)
