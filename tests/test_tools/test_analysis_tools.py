@@ -135,6 +135,27 @@ def test_time_phase_remeasures_disturbed_runs(bm, monkeypatch):
         bm.time_phase(fn, torch.device('cpu'), repeats=0, warmup=0)
 
 
+def test_interleaved_phases_run_round_robin(bm, monkeypatch):
+    clock, calls = [0.], []
+    b_durations = iter([9., 2., 5., 2., 2.2])  # warmup, attempt 1, 2
+
+    def make(name):
+        def fn():
+            calls.append(name)
+            clock[0] += 1. if name == 'a' else next(b_durations)
+        return fn
+
+    monkeypatch.setattr(bm.time, 'perf_counter', lambda: clock[0])
+    r = bm.time_phases_interleaved(
+        dict(a=make('a'), b=make('b')), ('a', 'b'), torch.device('cpu'),
+        repeats=2, warmup=1, max_spread=1.5, max_attempts=3)
+    assert calls == ['a', 'b'] * 5
+    assert r['b']['times_s'] == pytest.approx([2., 2.2])
+    assert r['b']['attempt_medians_s'] == pytest.approx([3.5, 2.1])
+    assert r['a']['times_s'] == [1., 1.] and r['a']['disturbed']
+    assert r['a']['peak_mem_mb'] > 0
+
+
 def test_bypass_freeze_and_loss_sum(bm, tiny_model):
     backbone = tiny_model.backbone.eval()
     calls = []
@@ -232,7 +253,7 @@ def test_benchmark_two_configs(bm, tmp_path, capsys):
     no_adapter = tmp_path / 'tiny_no_adapter.py'
     no_adapter.write_text(f'_base_ = [{TINY_CONFIG!r}]\n'
                           'model = dict(backbone=dict(adapter_indices=()))\n')
-    report = bm.main([TINY_CONFIG, str(no_adapter), *FAST])
+    report = bm.main([TINY_CONFIG, str(no_adapter), *FAST, '--interleave'])
     a, b = report['results']
     assert b['label'] == 'tiny_no_adapter'
     assert b['params']['total'] < a['params']['total']

@@ -40,16 +40,22 @@ on CUDA); the median is reported, with its ratio to (a).  The load average
 spread of the repeats (max / min) exceeds ``--max-spread`` the phase is
 measured again, up to ``--max-attempts`` times, the attempt with the
 smallest spread is kept and the phase is marked ``disturbed``.
+``--interleave`` times the phases round-robin instead (each round calls
+(a), (d), (b), (c) once), so that a drift of the machine's speed over the
+minutes of a run does not bend the ratios; then the attempt is repeated as
+a whole.
 
 Peak memory per phase: on CUDA ``torch.cuda.max_memory_allocated`` after
 ``reset_peak_memory_stats``; on CPU the peak resident set size of the
 process, sampled every 2 ms by a thread reading ``/proc/self/statm`` (a
 spike shorter than that may be missed; where ``/proc`` is missing, the
-process-lifetime ``ru_maxrss`` is reported instead).  The phases run in the
-order (a), (d), (b), (c), i.e. in increasing memory, so that even the
-lifetime maximum is meaningful.  ``+MB`` is the increase of that peak over
-the memory in use when the phase started (CPU: freed memory may stay with
-the allocator, so it is approximate).
+process-lifetime ``ru_maxrss`` is reported instead).  Without
+``--interleave`` the phases run in the order (a), (d), (b), (c), i.e. in
+increasing memory, so that even the lifetime maximum is meaningful.
+``+MB`` is the increase of that peak over the memory in use when the phase
+started (CPU: freed memory may stay with the allocator, so it is
+approximate; with CONFIG2 the second model's peak RSS also holds what the
+first one left with the allocator, so compare the increases).
 
 With CONFIG2 both models are measured on the same batch, one after the
 other (the first is deleted before the second is built), and printed side
@@ -81,7 +87,7 @@ import statistics
 import threading
 import time
 from collections import defaultdict
-from typing import Callable, Dict, Iterator, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -315,6 +321,64 @@ def time_phase(fn: Callable[[], None], device: torch.device, repeats: int,
     return best
 
 
+def time_phases_interleaved(fns: Dict[str, Callable[[], None]],
+                            order: Sequence[str], device: torch.device,
+                            repeats: int, warmup: int,
+                            max_spread: float = 1.5,
+                            max_attempts: int = 3) -> Dict[str, Dict]:
+    """Like :func:`time_phase` for several phases, but round-robin: each
+    of ``repeats`` rounds calls every phase once, in ``order``, so that a
+    slow drift of the machine's speed hits all phases alike and their
+    ratios stay put.  An attempt (all rounds) is repeated while some
+    phase's spread exceeds ``max_spread``; the attempt whose largest
+    spread is smallest is kept for every phase.  Peak memory is the
+    largest over the phase's calls.
+    """
+    if repeats < 1 or warmup < 0 or max_attempts < 1:
+        raise ValueError('repeats and max_attempts must be >= 1 and warmup '
+                         f'>= 0, got {repeats}, {max_attempts}, {warmup}')
+    for name in order:
+        for _ in range(warmup):
+            fns[name]()
+    _sync(device)
+    attempts = []
+    for _ in range(max_attempts):
+        rows = {name: dict(times_s=[], peak_mem_mb=None,
+                           mem_increase_mb=None, mem_kind=None)
+                for name in order}
+        load_before = os.getloadavg()
+        for _ in range(repeats):
+            for name in order:
+                row = rows[name]
+                with PeakMemory(device) as mem:
+                    _sync(device)
+                    t0 = time.perf_counter()
+                    fns[name]()
+                    _sync(device)
+                    row['times_s'].append(time.perf_counter() - t0)
+                row['mem_kind'] = mem.kind
+                for key, value in (('peak_mem_mb', mem.peak_mb),
+                                   ('mem_increase_mb', mem.increase_mb)):
+                    if value is not None:
+                        row[key] = max(value, row[key] or value)
+        load_after = list(os.getloadavg())
+        for row in rows.values():
+            row.update(median_s=statistics.median(row['times_s']),
+                       spread=max(row['times_s']) / min(row['times_s']),
+                       loadavg_before=list(load_before),
+                       loadavg_after=load_after)
+        attempts.append(rows)
+        if all(r['spread'] <= max_spread for r in rows.values()):
+            break
+    best = min(attempts,
+               key=lambda rows: max(r['spread'] for r in rows.values()))
+    for name, row in best.items():
+        row.update(attempts=len(attempts), disturbed=len(attempts) > 1,
+                   attempt_medians_s=[a[name]['median_s']
+                                      for a in attempts])
+    return best
+
+
 # --------------------------------------------------------------------------
 # model and phases
 # --------------------------------------------------------------------------
@@ -477,9 +541,9 @@ class StepTimeline:
         self._wrap(model.text_encoder, 'forward', 'text_encoder')
         self._wrap(backbone, 'forward_features' if hasattr(
             backbone, 'forward_features') else 'forward', 'backbone')
-        for i, adapter in enumerate(getattr(backbone, 'adapters', {})
-                                    .values() if hasattr(
-                                        backbone, 'adapters') else []):
+        adapters = getattr(backbone, 'adapters', None)
+        for i, adapter in enumerate(
+                adapters.values() if adapters is not None else []):
 
             def on_adapter(args, out, i=i):
                 store = self.adapter_bwd[i]
@@ -656,11 +720,18 @@ def benchmark_config(config: str, batch: Dict, args: argparse.Namespace,
         return torch.autocast(device_type=device.type, dtype=dtype)
 
     phases = make_phases(model, train_data, test_data, optimizer, autocast)
-    results = {}
-    for name in RUN_ORDER:
-        results[name] = time_phase(
-            phases[name], device, repeats=args.repeats, warmup=args.warmup,
-            max_spread=args.max_spread, max_attempts=args.max_attempts)
+    if args.interleave:
+        results = time_phases_interleaved(
+            phases, RUN_ORDER, device, repeats=args.repeats,
+            warmup=args.warmup, max_spread=args.max_spread,
+            max_attempts=args.max_attempts)
+    else:
+        results = {}
+        for name in RUN_ORDER:
+            results[name] = time_phase(
+                phases[name], device, repeats=args.repeats,
+                warmup=args.warmup, max_spread=args.max_spread,
+                max_attempts=args.max_attempts)
     ref = results['frozen_forward']['median_s']
     for name in PHASES:
         results[name]['ratio'] = results[name]['median_s'] / ref
@@ -824,6 +895,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help='re-measure a phase whose max/min exceeds this')
     p.add_argument('--max-attempts', type=int, default=3,
                    help='measurements per phase at most')
+    p.add_argument('--interleave', action='store_true',
+                   help='time the phases round-robin (robust ratios on a '
+                   'machine whose speed drifts)')
     p.add_argument('--threads', type=int,
                    help='torch.set_num_threads (default: torch\'s)')
     p.add_argument('--breakdown', action='store_true',
