@@ -17,6 +17,11 @@ resume = False
 # Sparse Top-K routing leaves unrouted experts without gradients in a step.
 find_unused_parameters = True
 tta_model = None
-# Restores the random generators on --resume so that a resumed run
-# reproduces the uninterrupted one.
-custom_hooks = [dict(type='RNGStateHook')]
+# RNGStateHook restores the random generators on --resume so that a resumed
+# run reproduces the uninterrupted one.  ExpertUtilisationHook logs, per
+# routed module and expert, the share of samples it weighs most
+# (util_<module>_<expert>) and warns when an expert collapses.
+custom_hooks = [
+    dict(type='RNGStateHook'),
+    dict(type='ExpertUtilisationHook')
+]

@@ -95,6 +95,12 @@ def test_select_sentence_modes():
         SelectSentence()(dict(img=None))
     with pytest.raises(ValueError):
         SelectSentence(mode='last')
+    # text-blind control: the text is fixed, id and kind are the drawn ones
+    blind = SelectSentence(mode='first', fixed_text='the shape')(dict(r))
+    assert (blind['text'], blind['sent_id'], blind['kind']) == (
+        'the shape', 4, 'x')
+    with pytest.raises(ValueError, match='fixed_text'):
+        SelectSentence(fixed_text='  ')
 
 
 def test_pack_refer_seg_inputs():

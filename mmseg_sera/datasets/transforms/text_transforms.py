@@ -73,14 +73,23 @@ class SelectSentence(BaseTransform):
     Args:
         mode (str): ``'random'`` (uniform over the sentences, every draw) or
             ``'first'`` (always the first one). Default: ``'random'``.
+        fixed_text (str, optional): if given, ``text`` is this sentence for
+            every sample (``sent_id`` and ``kind`` still name the drawn
+            one): the text-blind control, which shows how far the image
+            alone gets.
     """
 
-    def __init__(self, mode: str = 'random') -> None:
+    def __init__(self, mode: str = 'random',
+                 fixed_text: Optional[str] = None) -> None:
         if mode not in ('random', 'first'):
             raise ValueError(
                 "SelectSentence mode must be 'random' or 'first', got "
                 f'{mode!r}')
+        if fixed_text is not None and not fixed_text.strip():
+            raise ValueError('SelectSentence fixed_text must be a non-empty '
+                             'sentence')
         self.mode = mode
+        self.fixed_text = fixed_text
 
     def transform(self, results: Dict) -> Dict:
         sentences = results.get('sentences')
@@ -105,7 +114,11 @@ class SelectSentence(BaseTransform):
         kinds: Optional[list] = results.get('sentence_kinds')
         if kinds:
             results['kind'] = kinds[idx]
+        if self.fixed_text is not None:
+            results['text'] = self.fixed_text
         return results
 
     def __repr__(self) -> str:
-        return f'{self.__class__.__name__}(mode={self.mode!r})'
+        fixed = ('' if self.fixed_text is None else
+                 f', fixed_text={self.fixed_text!r}')
+        return f'{self.__class__.__name__}(mode={self.mode!r}{fixed})'

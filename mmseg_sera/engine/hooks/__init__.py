@@ -1,3 +1,4 @@
+from .expert_utilisation_hook import ExpertUtilisationHook
 from .rng_state_hook import RNGStateHook
 
-__all__ = ['RNGStateHook']
+__all__ = ['ExpertUtilisationHook', 'RNGStateHook']

@@ -69,6 +69,9 @@ class SERAAdapter(BaseModule):
         init_cfg: mmengine init config.
     """
 
+    #: order of the routing weights ``[w_s, w_b]``
+    expert_names = ('spatial', 'boundary')
+
     def __init__(self,
                  embed_dims: int,
                  *,

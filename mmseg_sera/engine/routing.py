@@ -1,0 +1,159 @@
+"""Read the routing weights of a model's routed modules during its forward.
+
+SERA's routed modules return their routing next to their features
+(``AdapterOutput.routing``, ``NeckOutput.routing``).  The segmentor's
+``loss`` / ``predict`` keep only losses and masks, so
+:class:`RoutingRecorder` reads the routing with PyTorch forward hooks: no
+model code changes, nothing is stored on the modules, and it works on any
+model whose routed modules follow those return types.
+"""
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from mmengine.model import is_model_wrapper
+from torch import Tensor, nn
+
+from ..models.structures import AdapterOutput, NeckOutput
+
+__all__ = ['RoutingRecord', 'RoutingRecorder', 'routed_modules',
+           'short_name']
+
+
+@dataclass
+class RoutingRecord:
+    """The routing of one forward call of one routed module.
+
+    Attributes:
+        module: the module's name in the model (``'backbone.adapters.1'``).
+        experts: expert names, E of them.
+        weights: ``B x E`` (per sample) or ``B x N x E`` (per token; N = h
+            x w row-major), float32 on the CPU, detached.  Rows sum to 1.
+        indices: ``B x K`` / ``B x N x K`` experts kept by a top-K router,
+            or ``None`` for a soft router (every expert used).
+    """
+    module: str
+    experts: Tuple[str, ...]
+    weights: Tensor
+    indices: Optional[Tensor] = None
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.experts)
+
+    def top1_counts(self) -> Tensor:
+        """Per expert, how many units (samples, or tokens) have it as their
+        highest-weighted expert; ``E`` float64, summing to the unit
+        count."""
+        w = self.weights.reshape(-1, self.num_experts)
+        return torch.bincount(
+            w.argmax(dim=-1), minlength=self.num_experts).double()
+
+    def num_units(self) -> int:
+        return self.weights.reshape(-1, self.num_experts).shape[0]
+
+    def weight_sums(self) -> Tensor:
+        """Per expert, the summed routing weight over the units, ``E``."""
+        return self.weights.reshape(-1, self.num_experts).sum(0).double()
+
+
+def short_name(module: str) -> str:
+    """``'backbone.adapters.3'`` -> ``'adapter3'``; other names lose their
+    dots (``'neck'`` stays ``'neck'``)."""
+    parts = module.split('.')
+    if len(parts) >= 2 and parts[-2] == 'adapters':
+        return f'adapter{parts[-1]}'
+    return module.replace('.', '_') or 'model'
+
+
+def _expert_names(module: nn.Module, count: int) -> Tuple[str, ...]:
+    names = getattr(module, 'expert_names', None)
+    if names is not None and len(names) == count:
+        return tuple(str(n) for n in names)
+    return tuple(f'expert{i}' for i in range(count))
+
+
+def routed_modules(model: nn.Module) -> List[Tuple[str, nn.Module]]:
+    """Sub-modules with a ``router`` (SERA-Adapter, SERA-Fusion and peers
+    built the same way), in model order."""
+    if is_model_wrapper(model):
+        model = model.module
+    return [(name, m) for name, m in model.named_modules()
+            if isinstance(getattr(m, 'router', None), nn.Module)]
+
+
+class RoutingRecorder:
+    """Context manager that collects :class:`RoutingRecord` s.
+
+    Example::
+
+        with RoutingRecorder(model) as rec:
+            model.test_step(data)
+        for r in rec.records:
+            print(r.module, r.weights)
+
+    Args:
+        model: the segmentor (a DDP wrapper is unwrapped).
+        modules: names of the routed modules to watch (default: all of
+            :func:`routed_modules`).
+
+    Raises:
+        ValueError: a name in ``modules`` is not a routed module.
+    """
+
+    def __init__(self, model: nn.Module,
+                 modules: Optional[Sequence[str]] = None) -> None:
+        found = dict(routed_modules(model))
+        if modules is not None:
+            unknown = sorted(set(modules) - set(found))
+            if unknown:
+                raise ValueError(f'not routed modules: {unknown}; the model '
+                                 f'has {sorted(found)}')
+            found = {n: found[n] for n in modules}
+        self.modules: Dict[str, nn.Module] = found
+        self.records: List[RoutingRecord] = []
+        self._handles = []
+
+    def _hook(self, name: str):
+
+        def hook(module: nn.Module, args, output) -> None:
+            weights, indices = None, None
+            if isinstance(output, AdapterOutput):
+                weights = output.routing
+            elif isinstance(output, NeckOutput) and output.routing:
+                weights = output.routing.get('weights')
+                indices = output.routing.get('indices')
+            if weights is None:
+                return
+            weights = weights.detach().float().cpu()
+            self.records.append(
+                RoutingRecord(
+                    module=name,
+                    experts=_expert_names(module, weights.shape[-1]),
+                    weights=weights,
+                    indices=None
+                    if indices is None else indices.detach().cpu()))
+
+        return hook
+
+    def clear(self) -> None:
+        self.records.clear()
+
+    def __enter__(self) -> 'RoutingRecorder':
+        self.attach()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+    def attach(self) -> None:
+        if not self._handles:
+            self._handles = [
+                m.register_forward_hook(self._hook(name))
+                for name, m in self.modules.items()
+            ]
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
