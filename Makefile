@@ -3,7 +3,7 @@
 PY      := .venv/bin/python
 DATA    := data/synthetic_refer
 DEMO    := work_dirs/demo
-DEMO_CFG := configs/sera/sera_dinov2-tiny_clip-tiny_1xb16-20e_synthetic-112x112.py
+DEMO_CFG := configs/sera/sera_dinov2-tiny_clip-tiny_1xb16-30e_synthetic-112x112.py
 PYTEST_ARGS ?=
 
 .PHONY: install test demo clean-demo
@@ -21,6 +21,8 @@ demo: install $(DATA)/refcoco/instances.json
 	$(PY) tools/train.py $(DEMO_CFG) --work-dir $(DEMO)
 	$(PY) tools/test.py $(DEMO_CFG) $$(cat $(DEMO)/last_checkpoint) --work-dir $(DEMO) \
 	    --show-dir $(DEMO)/overlays --show-interval 10 --out $(DEMO)
+	$(PY) tools/analysis_tools/visualize_routing.py $(DEMO_CFG) $$(cat $(DEMO)/last_checkpoint) \
+	    --out-dir $(DEMO)/routing --num-samples 8
 
 clean-demo:
 	rm -rf $(DEMO)

@@ -83,12 +83,15 @@ def test_paper_model_trains_under_one_percent_of_the_backbone():
 
 
 @pytest.mark.parametrize('name,adapters,experts,top_k', [
-    ('sera-baseline', 0, 0, None),
-    ('sera-adapter', 4, 0, None),
-    ('sera-top1', 4, 4, 1),
+    ('sera-baseline_dinov2-b14', 0, 0, None),
+    ('sera-adapter_dinov2-b14', 4, 0, None),
+    ('sera-top1_dinov2-b14', 4, 4, 1),
+    ('sera-baseline_dinov2-tiny', 0, 0, None),
+    ('sera-adapter_dinov2-tiny', 2, 0, None),
+    ('sera-text-blind_dinov2-tiny', 2, 4, 4),
 ])
 def test_ablation_models(name, adapters, experts, top_k):
-    path, = glob.glob(osp.join(ABLATION, name + '_*.py'))
+    path, = glob.glob(osp.join(ABLATION, name + '*.py'))
     model = _build(path)
     assert len(model.backbone.adapters) == adapters
     assert len(model.neck.experts) == experts
@@ -97,3 +100,20 @@ def test_ablation_models(name, adapters, experts, top_k):
     losses = model(**_batch(model), mode='loss')
     has_moe = any(k.startswith('loss_moe') for k in losses)
     assert has_moe == bool(experts)
+
+
+def test_text_blind_control_gives_every_sample_one_sentence():
+    path, = glob.glob(osp.join(ABLATION, 'sera-text-blind_*.py'))
+    cfg = Config.fromfile(path)
+    full = Config.fromfile(osp.join(
+        REPO, 'configs', 'sera',
+        'sera_dinov2-tiny_clip-tiny_1xb16-30e_synthetic-112x112.py'))
+    for split in ('train', 'val', 'test'):
+        steps = cfg[f'{split}_dataloader'].dataset.pipeline
+        select = [t for t in steps if t['type'] == 'SelectSentence']
+        assert len(select) == 1 and select[0]['fixed_text'] == 'the shape'
+        # otherwise the pipeline is the full model's
+        ref = full[f'{split}_dataloader'].dataset.pipeline
+        assert [t['type'] for t in steps] == [t['type'] for t in ref]
+    assert cfg.model == full.model
+    assert cfg.train_cfg == full.train_cfg

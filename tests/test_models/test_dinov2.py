@@ -104,6 +104,7 @@ def test_registry_and_properties():
     (dict(out_indices=(1, -3)), 'duplicates'),
     (dict(trainable='half'), 'trainable'),
     (dict(out_norm='first'), 'out_norm'),
+    (dict(pos_embed_init='zeros'), 'pos_embed_init'),
     (dict(adapter_indices=(1, ), adapter_cfg=None), 'adapter_cfg'),
     (dict(out_indices=(1, ), adapter_indices=(2, ),
           adapter_cfg=dict(type=TEST_ADAPTER)), 'after the last out index'),
@@ -111,6 +112,19 @@ def test_registry_and_properties():
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         tiny(**kwargs)
+
+
+def test_sincos_pos_embed_init():
+    from mmseg_sera.models.position import sine_position_2d
+    m = tiny(img_size=112, pos_embed_init='sincos', trainable='full')
+    assert m.pos_embed.shape == (1, 1 + 8 * 8, 32) and m.pos_embed.requires_grad
+    assert torch.equal(m.pos_embed[0, 0], torch.zeros(32))
+    torch.testing.assert_close(m.pos_embed[0, 1:],
+                               sine_position_2d(8, 8, 32))
+    # patch (row 0, col 1) differs from (1, 0): the code tells x from y
+    assert not torch.allclose(m.pos_embed[0, 2], m.pos_embed[0, 9])
+    # the official init stays the default
+    assert tiny(img_size=112).pos_embed[0, 1:].abs().max() < 0.1
 
 
 def test_bad_input_shape():

@@ -28,6 +28,7 @@ from mmengine.model import BaseModule, ModuleDict
 from torch import Tensor
 
 from mmseg.registry import MODELS
+from ..position import sine_position_2d
 from ..structures import (AdapterOutput, BackboneOutput, TextFeatures,
                           merge_losses)
 
@@ -238,6 +239,12 @@ class DINOv2(BaseModule):
         layer_scale_init_value: initial LayerScale gamma.
         qkv_bias / proj_bias / ffn_bias: bias terms (all True in DINOv2).
         norm_eps: LayerNorm epsilon (1e-6 in DINOv2).
+        pos_embed_init: start value of the (trained) position table:
+            ``'trunc_normal'`` (official, std 0.02) or ``'sincos'`` (the
+            fixed 2-D sine code ``sine_position_2d``, values in [-1, 1];
+            class position 0) for models trained from scratch, where a
+            random table leaves the network blind to position until it is
+            learned. A loaded checkpoint overwrites either.
         init_cfg: mmengine init config; ``dict(type='Pretrained',
             checkpoint=PATH[, prefix=...])`` loads a checkpoint in this
             module's layout (convert official/timm files first with
@@ -259,6 +266,7 @@ class DINOv2(BaseModule):
     }
     TRAINABLE = ('frozen', 'ln_bias', 'full')
     OUT_NORM = ('last', 'all', 'none')
+    POS_EMBED_INIT = ('trunc_normal', 'sincos')
 
     def __init__(self,
                  *,
@@ -281,6 +289,7 @@ class DINOv2(BaseModule):
                  proj_bias: bool = True,
                  ffn_bias: bool = True,
                  norm_eps: float = 1e-6,
+                 pos_embed_init: str = 'trunc_normal',
                  init_cfg: Optional[Union[Dict, List[Dict]]] = None) -> None:
         super().__init__(init_cfg=init_cfg)
         settings = self._resolve_arch(arch)
@@ -298,6 +307,10 @@ class DINOv2(BaseModule):
         if out_norm not in self.OUT_NORM:
             raise ValueError(f'out_norm must be one of {self.OUT_NORM}, '
                              f'got {out_norm!r}')
+        if pos_embed_init not in self.POS_EMBED_INIT:
+            raise ValueError('pos_embed_init must be one of '
+                             f'{self.POS_EMBED_INIT}, got {pos_embed_init!r}')
+        self.pos_embed_init = pos_embed_init
         self.arch = settings
         self._embed_dims = C
         self.num_layers = L
@@ -414,10 +427,16 @@ class DINOv2(BaseModule):
         return tuple(sorted(out))
 
     def _random_init(self) -> None:
-        """Official DINOv2 init: trunc-normal(0.02) position table and
-        Linear weights, zero Linear biases, N(0, 1e-6) class/register
-        tokens."""
-        nn.init.trunc_normal_(self.pos_embed, std=.02)
+        """Official DINOv2 init: trunc-normal(0.02) position table (or the
+        sine-cosine code, see ``pos_embed_init``) and Linear weights, zero
+        Linear biases, N(0, 1e-6) class/register tokens."""
+        if self.pos_embed_init == 'sincos':
+            with torch.no_grad():
+                self.pos_embed.zero_()
+                self.pos_embed[0, 1:] = sine_position_2d(
+                    self.pos_grid, self.pos_grid, self._embed_dims)
+        else:
+            nn.init.trunc_normal_(self.pos_embed, std=.02)
         nn.init.normal_(self.cls_token, std=1e-6)
         if self.register_tokens is not None:
             nn.init.normal_(self.register_tokens, std=1e-6)
