@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 
+import torch
 from mmengine.config import DictAction
 from mmengine.logging import print_log
 from mmengine.runner import Runner
@@ -20,7 +21,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--resume', action='store_true',
                    help='resume from the latest checkpoint in the work dir')
     p.add_argument('--amp', action='store_true',
-                   help='automatic mixed precision (AmpOptimWrapper)')
+                   help='automatic mixed precision: AmpOptimWrapper (float16 '
+                   'with dynamic loss scaling) on a GPU, CPUAmpOptimWrapper '
+                   '(bfloat16) without one')
     p.add_argument('--cfg-options', nargs='+', action=DictAction,
                    help='override config entries, e.g. '
                    'train_cfg.max_iters=100 model.decode_head.threshold=0.35')
@@ -34,16 +37,22 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def enable_amp(cfg) -> None:
+    """Switch the config's ``OptimWrapper`` to mixed precision."""
     wrapper = cfg.optim_wrapper
-    if wrapper.get('type', 'OptimWrapper') == 'AmpOptimWrapper':
+    kind = wrapper.get('type', 'OptimWrapper')
+    if kind in ('AmpOptimWrapper', 'CPUAmpOptimWrapper'):
         print_log('AMP is already enabled in the config.', logger='current',
                   level=logging.WARNING)
         return
-    if wrapper.get('type', 'OptimWrapper') != 'OptimWrapper':
+    if kind != 'OptimWrapper':
         raise ValueError('--amp needs optim_wrapper.type == "OptimWrapper", '
-                         f'got {wrapper.type!r}')
-    wrapper.type = 'AmpOptimWrapper'
-    wrapper.setdefault('loss_scale', 'dynamic')
+                         f'got {kind!r}')
+    if torch.cuda.is_available():
+        wrapper.type = 'AmpOptimWrapper'
+        wrapper.setdefault('loss_scale', 'dynamic')
+    else:
+        wrapper.type = 'CPUAmpOptimWrapper'
+        wrapper.setdefault('dtype', 'bfloat16')
 
 
 def main(argv=None) -> None:

@@ -1,8 +1,12 @@
 from .compat import adapt_dist_cfg, register_checkpoint_safe_globals
-from .hooks import RNGStateHook
+from .hooks import ExpertUtilisationHook, RNGStateHook
+from .optimizers import CPUAmpOptimWrapper
+from .routing import RoutingRecord, RoutingRecorder
 
 register_checkpoint_safe_globals()
 
 __all__ = [
-    'adapt_dist_cfg', 'register_checkpoint_safe_globals', 'RNGStateHook'
+    'adapt_dist_cfg', 'register_checkpoint_safe_globals', 'RNGStateHook',
+    'ExpertUtilisationHook', 'RoutingRecord', 'RoutingRecorder',
+    'CPUAmpOptimWrapper'
 ]

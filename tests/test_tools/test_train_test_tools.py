@@ -66,6 +66,49 @@ def test_resume_continues_and_matches_uninterrupted(synthetic_root,
     assert final['meta']['iter'] == 2 * iters_per_epoch
 
 
+def _scalars(work_dir: str) -> list:
+    rows = []
+    for path in glob.glob(osp.join(work_dir, '*', 'vis_data',
+                                   'scalars.json')):
+        with open(path) as f:
+            rows += [json.loads(line) for line in f]
+    return rows
+
+
+def test_training_logs_expert_utilisation(uninterrupted):
+    rows = [r for r in _scalars(uninterrupted) if 'loss' in r]
+    assert rows
+    for row in rows:
+        util = {k: v for k, v in row.items() if k.startswith('util_')}
+        # 4 fusion experts and 2 light experts in each of blocks 1 and 3
+        assert len(util) == 8, sorted(util)
+        for module in ('neck', 'adapter1', 'adapter3'):
+            shares = [v for k, v in util.items()
+                      if k.startswith(f'util_{module}_')]
+            assert all(0.0 <= v <= 1.0 for v in shares)
+            assert sum(shares) == pytest.approx(1.0), (module, row['iter'])
+
+
+def test_amp_on_cpu_trains_in_bfloat16(synthetic_root, tmp_path):
+    work_dir = str(tmp_path / 'amp')
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES='')
+    run_tool(['tools/train.py', TINY_CONFIG, '--work-dir', work_dir,
+              '--amp'] +
+             tiny_cfg_options(synthetic_root, **{'train_cfg.max_epochs': 1}),
+             env=env)
+    dumped = glob.glob(osp.join(work_dir, '*.py'))
+    assert len(dumped) == 1
+    with open(dumped[0]) as f:
+        text = f.read()
+    assert "type='CPUAmpOptimWrapper'" in text
+    assert "dtype='bfloat16'" in text
+    losses = [loss for _, loss in _train_losses(work_dir)]
+    assert losses and all(0.0 < loss < 10.0 for loss in losses)
+    ckpt = torch.load(_last_checkpoint(work_dir), weights_only=True)
+    assert all(v.dtype == torch.float32
+               for v in ckpt['state_dict'].values() if v.is_floating_point())
+
+
 def test_tools_test_evaluates_checkpoint(synthetic_root, uninterrupted,
                                          tmp_path):
     ckpt = _last_checkpoint(uninterrupted)
