@@ -68,6 +68,22 @@ def test_other_strides():
         _head(in_stride=2, out_stride=4)
 
 
+def test_up_channels_narrow_the_upsampling_path():
+    head = _head(up_channels=(C // 2, C // 4)).eval()
+    widths = [(c.conv.in_channels, c.conv.out_channels)
+              for c in head.up_convs]
+    assert widths == [(D, C // 2), (C // 2, C // 4)]
+    assert head.visual_proj.in_channels == C // 4
+    assert head.visual_proj.out_channels == head.channels
+    assert head(torch.randn(2, D, 32, 20), _text(2)).shape == (2, 1, 112, 70)
+    narrow = sum(p.numel() for p in head.up_convs.parameters())
+    wide = sum(p.numel() for p in _head().up_convs.parameters())
+    assert narrow < wide
+    for bad in [(24, ), (24, 8, 4), (24, 0)]:
+        with pytest.raises(ValueError, match='up_channels needs 2'):
+            _head(up_channels=bad)
+
+
 def test_input_selection_last_and_concat():
     head = _head().eval()
     a, b = torch.randn(2, D, 6, 6), torch.randn(2, D, 6, 6)

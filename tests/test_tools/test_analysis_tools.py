@@ -265,6 +265,19 @@ def test_benchmark_two_configs(bm, tmp_path, capsys):
     assert 'B / A' in capsys.readouterr().out
 
 
+def test_benchmark_cfg_options2_changes_the_second_model_only(bm):
+    report = bm.main([
+        TINY_CONFIG, *FAST, '--cfg-options2',
+        'model.decode_head.up_channels=[8,8]'
+    ])
+    a, b = report['results']
+    assert a['config'] == b['config']
+    assert 'up_channels' not in str(a['cfg_options'])
+    assert b['label'].endswith('model.decode_head.up_channels=[8, 8]')
+    assert b['cfg_options'] == {'model.decode_head.up_channels': [8, 8]}
+    assert b['params']['total'] < a['params']['total']
+
+
 def test_benchmark_bad_arguments(bm, tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match='missing.py'):
         bm.main([str(tmp_path / 'missing.py'), *FAST])

@@ -4,6 +4,7 @@
         [--batch-size 2] [--img-size 448] [--device cpu|cuda]
         [--repeats 3] [--warmup 1] [--amp bf16|fp16] [--breakdown]
         [--profile N] [--json FILE] [--cfg-options KEY=VALUE ...]
+        [--cfg-options2 KEY=VALUE ...]
 
 Builds the model of CONFIG with random weights (``init_weights`` is not
 run: no checkpoint is read) and times four phases on one fixed batch
@@ -59,7 +60,9 @@ first one left with the allocator, so compare the increases).
 
 With CONFIG2 both models are measured on the same batch, one after the
 other (the first is deleted before the second is built), and printed side
-by side with the ratio CONFIG2 / CONFIG.
+by side with the ratio CONFIG2 / CONFIG.  ``--cfg-options2`` overrides
+entries of the second model only; without CONFIG2 it is CONFIG again, so
+``CONFIG --cfg-options2 model.backbone.with_cp=True`` compares one switch.
 
 ``--breakdown`` splits one training step (median of ``--repeats``) into
 forward / backward / optimizer, the forward into text encoder, backbone
@@ -706,9 +709,12 @@ def _param_counts(model: nn.Module) -> Dict:
 
 
 def benchmark_config(config: str, batch: Dict, args: argparse.Namespace,
-                     device: torch.device) -> Dict:
-    """All phases (and the optional breakdown) for one config."""
-    cfg, model = build(config, args.cfg_options, device, seed=args.seed)
+                     device: torch.device,
+                     extra_options: Optional[dict] = None) -> Dict:
+    """All phases (and the optional breakdown) for one config;
+    ``extra_options`` update ``args.cfg_options`` for this model."""
+    options = dict(args.cfg_options or {}, **(extra_options or {}))
+    cfg, model = build(config, options or None, device, seed=args.seed)
     train_data = preprocess(model, batch, training=True)
     test_data = preprocess(model, batch, training=False)
     optimizer = build_optimizer(cfg, model)
@@ -735,8 +741,12 @@ def benchmark_config(config: str, batch: Dict, args: argparse.Namespace,
     ref = results['frozen_forward']['median_s']
     for name in PHASES:
         results[name]['ratio'] = results[name]['median_s'] / ref
-    out = dict(config=osp.abspath(config),
-               label=osp.splitext(osp.basename(config))[0],
+    label = osp.splitext(osp.basename(config))[0]
+    if extra_options:
+        label += ' + ' + ' '.join(f'{k}={v}' for k, v in
+                                  extra_options.items())
+    out = dict(config=osp.abspath(config), label=label,
+               cfg_options=options,
                params=_param_counts(model),
                phases={name: results[name] for name in PHASES})
     if args.breakdown:
@@ -908,7 +918,13 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument('--json', metavar='FILE', help='write the results here')
     p.add_argument('--cfg-options', nargs='+', action=DictAction,
                    help='override entries of both configs')
-    return p.parse_args(argv)
+    p.add_argument('--cfg-options2', nargs='+', action=DictAction,
+                   help='override entries of the second config only (the '
+                   'second config defaults to the first)')
+    args = p.parse_args(argv)
+    if args.cfg_options2 and args.config2 is None:
+        args.config2 = args.config
+    return args
 
 
 def run(args: argparse.Namespace) -> Dict:
@@ -938,10 +954,11 @@ def _run(args: argparse.Namespace) -> Dict:
                  gpu=(torch.cuda.get_device_name(device)
                       if device.type == 'cuda' else None)),
         loadavg_before=[round(v, 2) for v in os.getloadavg()])
-    results = []
-    for path in (args.config, args.config2):
-        if path is not None:
-            results.append(benchmark_config(path, batch, args, device))
+    results = [benchmark_config(args.config, batch, args, device)]
+    if args.config2 is not None:
+        results.append(
+            benchmark_config(args.config2, batch, args, device,
+                             extra_options=args.cfg_options2))
     report['results'] = results
     report['loadavg_after'] = [round(v, 2) for v in os.getloadavg()]
     report['process_peak_rss_mb'] = resource.getrusage(

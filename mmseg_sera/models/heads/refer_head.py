@@ -28,51 +28,8 @@ from mmseg.models.losses import CrossEntropyLoss, DiceLoss
 from mmseg.models.utils import resize
 from mmseg.registry import MODELS
 from mmseg.utils import ConfigType, SampleList
+from ..position import sine_position_1d, sine_position_2d
 from ..structures import TextFeatures
-
-
-def sine_position_2d(height: int, width: int, channels: int,
-                     device: torch.device = None,
-                     dtype: torch.dtype = torch.float32) -> Tensor:
-    """Fixed 2-D sine code, (h*w) x C, row-major (y, x).
-
-    The first C/2 channels encode x, the last C/2 encode y; within each half
-    channel 2i is ``sin(p * f_i)`` and 2i+1 is ``cos(p * f_i)`` with
-    ``f_i = 10000^(-2i / (C/2))`` and p the integer column (row) index.
-    """
-    if channels % 4:
-        raise ValueError(f'2-D sine code needs channels % 4 == 0, '
-                         f'got {channels}')
-    half = channels // 2
-    freq = torch.exp(
-        torch.arange(0, half, 2, device=device, dtype=torch.float32) *
-        (-math.log(10000.0) / half))  # half/2
-    xs = torch.arange(width, device=device, dtype=torch.float32)[:, None]
-    ys = torch.arange(height, device=device, dtype=torch.float32)[:, None]
-    code_x = torch.stack([(xs * freq).sin(), (xs * freq).cos()],
-                         dim=-1).flatten(1)  # w x half
-    code_y = torch.stack([(ys * freq).sin(), (ys * freq).cos()],
-                         dim=-1).flatten(1)  # h x half
-    code = torch.cat([
-        code_x[None].expand(height, width, half),
-        code_y[:, None].expand(height, width, half)
-    ], dim=-1)
-    return code.reshape(height * width, channels).to(dtype)
-
-
-def sine_position_1d(length: int, channels: int,
-                     device: torch.device = None,
-                     dtype: torch.dtype = torch.float32) -> Tensor:
-    """Standard 1-D sine code, L x C: channel 2i is ``sin(p * f_i)``, 2i+1
-    is ``cos(p * f_i)``, ``f_i = 10000^(-2i / C)``."""
-    if channels % 2:
-        raise ValueError(f'1-D sine code needs even channels, got {channels}')
-    freq = torch.exp(
-        torch.arange(0, channels, 2, device=device, dtype=torch.float32) *
-        (-math.log(10000.0) / channels))
-    pos = torch.arange(length, device=device, dtype=torch.float32)[:, None]
-    code = torch.stack([(pos * freq).sin(), (pos * freq).cos()], dim=-1)
-    return code.flatten(1).to(dtype)
 
 
 class VLDecoderLayer(nn.Module):
@@ -241,6 +198,11 @@ class ReferHead(BaseDecodeHead):
         decoder_text_pos: add a 1-D sine code to the word keys.
         in_stride / out_stride: input map stride (patch 14) and logit
             stride (4); upsampling factor r = in_stride / out_stride.
+        up_channels: widths of the upsampling steps' convs, one per step
+            (``ceil(log2 r)`` steps: 2 for 14 -> 4); ``None`` = ``channels``
+            for every step.  Narrowing as the map grows (FPN decoders do the
+            same) makes the stride-4 convs cheap: ``(128, 64)`` costs about
+            a fifth of ``(256, 256)`` at 448 px.
         kernel_size: k of the dynamic kernel (1 here, 3 in ETRIS/DETRIS).
         num_classes / out_channels / threshold: mmseg binary convention;
             ``out_channels`` must be 1.
@@ -267,6 +229,7 @@ class ReferHead(BaseDecodeHead):
                  decoder_text_pos: bool = True,
                  in_stride: int = 14,
                  out_stride: int = 4,
+                 up_channels: Optional[Sequence[int]] = None,
                  kernel_size: int = 1,
                  num_classes: int = 2,
                  out_channels: int = 1,
@@ -326,13 +289,21 @@ class ReferHead(BaseDecodeHead):
 
         ratio = in_stride / out_stride
         num_steps = math.ceil(math.log2(ratio) - 1e-9) if ratio > 1 else 0
+        widths = [channels] * num_steps if up_channels is None else [
+            int(c) for c in up_channels
+        ]
+        if len(widths) != num_steps or any(c < 1 for c in widths):
+            raise ValueError(
+                f'ReferHead: up_channels needs {num_steps} positive widths '
+                f'(one per 2x step from stride {in_stride} to {out_stride}), '
+                f'got {up_channels}')
         self.up_convs = nn.ModuleList(
             ConvModule(
-                d if i == 0 else channels, channels, 3, padding=1,
-                norm_cfg=norm_cfg, act_cfg=act_cfg)
-            for i in range(num_steps))
+                c_in, c_out, 3, padding=1, norm_cfg=norm_cfg,
+                act_cfg=act_cfg)
+            for c_in, c_out in zip([d] + widths[:-1], widths))
         self.visual_proj = nn.Conv2d(
-            channels if num_steps else d, channels, kernel_size=1)
+            widths[-1] if num_steps else d, channels, kernel_size=1)
         self.projector = TextDynamicProjector(
             channels=channels, text_dims=pooled_dims,
             kernel_size=kernel_size)
