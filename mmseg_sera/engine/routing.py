@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from ..models.structures import AdapterOutput, NeckOutput
 
 __all__ = ['RoutingRecord', 'RoutingRecorder', 'routed_modules',
-           'short_name']
+           'short_name', 'expert_label']
 
 
 @dataclass
@@ -26,7 +26,9 @@ class RoutingRecord:
 
     Attributes:
         module: the module's name in the model (``'backbone.adapters.1'``).
-        experts: expert names, E of them.
+        experts: expert names, E of them (the module's ``expert_names``
+            through :func:`expert_label`: ``'SpatialExpert'`` ->
+            ``'spatial'``).
         weights: ``B x E`` (per sample) or ``B x N x E`` (per token; N = h
             x w row-major), float32 on the CPU, detached.  Rows sum to 1.
         indices: ``B x K`` / ``B x N x K`` experts kept by a top-K router,
@@ -66,10 +68,18 @@ def short_name(module: str) -> str:
     return module.replace('.', '_') or 'model'
 
 
+def expert_label(name: str) -> str:
+    """``'SpatialExpert'`` -> ``'spatial'``; other names are lower-cased."""
+    name = str(name)
+    if name.endswith('Expert') and len(name) > len('Expert'):
+        name = name[:-len('Expert')]
+    return name.lower()
+
+
 def _expert_names(module: nn.Module, count: int) -> Tuple[str, ...]:
     names = getattr(module, 'expert_names', None)
     if names is not None and len(names) == count:
-        return tuple(str(n) for n in names)
+        return tuple(expert_label(n) for n in names)
     return tuple(f'expert{i}' for i in range(count))
 
 

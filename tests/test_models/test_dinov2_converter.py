@@ -24,6 +24,7 @@ from timm.models.vision_transformer import (VisionTransformer,
                                             checkpoint_filter_fn)
 
 from mmseg_sera.models.backbones.dinov2 import DINOv2
+from test_dinov2 import randomize_ as randomize_params_
 
 ROOT = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location(
@@ -37,17 +38,7 @@ ATOL = 1e-4
 
 
 def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            r = torch.randn(p.shape, generator=g)
-            if 'norm' in name and name.endswith('weight'):
-                p.copy_(1 + 0.1 * r)
-            elif name.endswith('gamma'):
-                p.copy_(0.5 * r)
-            else:
-                p.copy_(0.1 * r)
-    return model.eval()
+    return randomize_params_(model, seed).eval()
 
 
 def official(ffn: str = 'mlp', chunks: int = 0) -> DinoVisionTransformer:

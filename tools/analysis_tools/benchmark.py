@@ -82,7 +82,6 @@ import argparse
 import contextlib
 import copy
 import gc
-import json
 import os
 import os.path as osp
 import resource
@@ -92,6 +91,7 @@ import time
 from collections import defaultdict
 from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
+import mmengine
 import torch
 import torch.nn as nn
 from mmengine.config import DictAction
@@ -977,10 +977,8 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     report = run(args)
     print(format_tables(report))
     if args.json:
-        folder = osp.dirname(osp.abspath(args.json))
-        os.makedirs(folder, exist_ok=True)
-        with open(args.json, 'w') as f:
-            json.dump(report, f, indent=2)
+        mmengine.mkdir_or_exist(osp.dirname(osp.abspath(args.json)))
+        mmengine.dump(report, args.json, indent=2)
         print(f'written {args.json}')
     return report
 

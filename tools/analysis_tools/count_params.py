@@ -20,11 +20,10 @@ plus the total and the trainable share of the backbone's own parameters
 parameter tensor is counted once, in the first part that owns it.
 """
 import argparse
-import json
-import os
 import os.path as osp
 from typing import Dict, List, Optional
 
+import mmengine
 import torch.nn as nn
 from mmengine.config import DictAction
 
@@ -145,10 +144,8 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     counts['config'] = osp.abspath(args.config)
     print(format_table(counts, title=osp.basename(args.config)))
     if args.json:
-        folder = osp.dirname(osp.abspath(args.json))
-        os.makedirs(folder, exist_ok=True)
-        with open(args.json, 'w') as f:
-            json.dump(counts, f, indent=2)
+        mmengine.mkdir_or_exist(osp.dirname(osp.abspath(args.json)))
+        mmengine.dump(counts, args.json, indent=2)
         print(f'written {args.json}')
     return counts
 
