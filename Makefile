@@ -3,7 +3,7 @@
 PY      := .venv/bin/python
 DATA    := data/synthetic_refer
 DEMO    := work_dirs/demo
-DEMO_CFG := configs/sera/sera_dinov2-tiny_clip-tiny_1xb16-30e_synthetic-112x112.py
+DEMO_CFG := configs/sera/sera_dinov2-tiny_clip-tiny_1xb16-50e_synthetic-112x112.py
 PYTEST_ARGS ?=
 
 .PHONY: install test demo clean-demo

@@ -107,7 +107,7 @@ def test_text_blind_control_gives_every_sample_one_sentence():
     cfg = Config.fromfile(path)
     full = Config.fromfile(osp.join(
         REPO, 'configs', 'sera',
-        'sera_dinov2-tiny_clip-tiny_1xb16-30e_synthetic-112x112.py'))
+        'sera_dinov2-tiny_clip-tiny_1xb16-50e_synthetic-112x112.py'))
     for split in ('train', 'val', 'test'):
         steps = cfg[f'{split}_dataloader'].dataset.pipeline
         select = [t for t in steps if t['type'] == 'SelectSentence']

@@ -36,7 +36,7 @@ from mmseg_sera.models.structures import (AdapterOutput, NeckOutput,
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 TINY_CONFIG = osp.join(
     REPO,
-    'configs/sera/sera_dinov2-tiny_clip-tiny_1xb16-30e_synthetic-112x112.py')
+    'configs/sera/sera_dinov2-tiny_clip-tiny_1xb16-50e_synthetic-112x112.py')
 
 REGISTERED = sorted(
     name for name, cls in MODELS.module_dict.items()

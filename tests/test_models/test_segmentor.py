@@ -21,7 +21,7 @@ import mmseg_sera  # noqa: F401  (registers the components)
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 TINY_CONFIG = osp.join(
     REPO,
-    'configs/sera/sera_dinov2-tiny_clip-tiny_1xb16-30e_synthetic-112x112.py')
+    'configs/sera/sera_dinov2-tiny_clip-tiny_1xb16-50e_synthetic-112x112.py')
 LOSS_KEYS = ('loss_mask', 'loss_dice', 'loss_moe_z', 'loss_moe_balance',
              'loss_moe_token')
 

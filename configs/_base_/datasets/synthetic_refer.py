@@ -3,7 +3,9 @@
 # (RefCOCO layout: data/synthetic_refer/refcoco/{instances.json,refs(unc).p},
 #  images under data/synthetic_refer/images/mscoco/images/train2014/).
 # 112 x 112 images = 8 x 8 patches of 14 px.  No photometric augmentation:
-# colour words decide the referent.
+# colour words decide the referent.  Horizontal flips swap the words left /
+# right (leftmost / rightmost, left of / right of), which keeps every
+# sentence of this grammar true.
 dataset_type = 'RefCocoDataset'
 data_root = 'data/synthetic_refer'
 crop_size = (112, 112)
@@ -12,6 +14,7 @@ train_pipeline = [
     dict(type='LoadReferImageFromFile'),
     dict(type='LoadReferringMask'),
     dict(type='SelectSentence', mode='random'),
+    dict(type='RandomReferFlip', prob=0.5),
     dict(type='ReferResizePad', size=crop_size),
     dict(type='PackReferSegInputs'),
 ]

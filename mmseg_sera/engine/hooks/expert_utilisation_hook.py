@@ -1,4 +1,5 @@
 """Log how training spreads the inputs over the experts."""
+import logging
 from collections import OrderedDict
 from typing import Dict, Optional, Tuple
 
@@ -139,4 +140,4 @@ class ExpertUtilisationHook(Hook):
                 f'{self.interval} iterations (an even load gives '
                 f'{even:.1%}): the routing is collapsing. Consider a larger '
                 'balance loss weight or router noise.',
-                logger='current', level=30)
+                logger='current', level=logging.WARNING)
