@@ -7,7 +7,8 @@ import pytest
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 TINY_CONFIG = osp.join(
-    REPO, 'configs/sera/sera_dinov2-tiny_clip-tiny_1xb16-50e_synthetic-112x112.py')
+    REPO, 'configs', 'sera',
+    'sera_dinov2-tiny_clip-tiny_1xb16-50e_synthetic-112x112.py')
 
 
 @pytest.fixture(scope='session')

@@ -117,7 +117,8 @@ def test_bad_arguments(kwargs, match):
 def test_sincos_pos_embed_init():
     from mmseg_sera.models.position import sine_position_2d
     m = tiny(img_size=112, pos_embed_init='sincos', trainable='full')
-    assert m.pos_embed.shape == (1, 1 + 8 * 8, 32) and m.pos_embed.requires_grad
+    assert m.pos_embed.shape == (1, 1 + 8 * 8, 32)
+    assert m.pos_embed.requires_grad
     assert torch.equal(m.pos_embed[0, 0], torch.zeros(32))
     torch.testing.assert_close(m.pos_embed[0, 1:],
                                sine_position_2d(8, 8, 32))

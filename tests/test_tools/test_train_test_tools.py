@@ -116,7 +116,8 @@ def test_tools_test_evaluates_checkpoint(synthetic_root, uninterrupted,
     show_dir = tmp_path / 'show'
     run_tool(['tools/test.py', TINY_CONFIG, ckpt, '--work-dir',
               str(tmp_path / 'eval'), '--out', str(out_dir), '--show-dir',
-              str(show_dir), '--show-interval', '1'] + tiny_cfg_options(synthetic_root))
+              str(show_dir), '--show-interval', '1'] +
+             tiny_cfg_options(synthetic_root))
     logs = glob.glob(str(tmp_path / 'eval' / '*' / '*.json'))
     assert logs, 'tools/test.py wrote no metrics'
     with open(logs[0]) as f:

@@ -318,7 +318,7 @@ class ReferHead(BaseDecodeHead):
                     'ReferHead: CrossEntropyLoss needs use_sigmoid=True for '
                     '1-channel logits')
             if isinstance(loss, DiceLoss) and not (loss.use_sigmoid
-                                                    and loss.activate):
+                                                   and loss.activate):
                 raise ValueError(
                     'ReferHead: DiceLoss needs use_sigmoid=True and '
                     'activate=True (the head outputs raw logits)')
