@@ -3,6 +3,8 @@ import os.path as osp
 from typing import Optional
 
 from mmengine.config import Config
+from mmengine.registry import init_default_scope
+from torch import nn
 
 
 def load_run_config(config_path: str, cfg_options: Optional[dict],
@@ -46,3 +48,12 @@ def load_config(config, cfg_options: Optional[dict] = None) -> Config:
     if cfg_options:
         config.merge_from_dict(cfg_options)
     return config
+
+
+def build_model(cfg: Config) -> nn.Module:
+    """Build ``cfg.model`` in the config's default scope (``'mmseg'``), with
+    the constructors' random weights: ``init_weights`` is not called, so no
+    checkpoint named in the config is read."""
+    from mmseg.registry import MODELS
+    init_default_scope(cfg.get('default_scope', 'mmseg'))
+    return MODELS.build(cfg.model)

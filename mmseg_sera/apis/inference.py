@@ -22,14 +22,13 @@ import torch
 import torch.nn as nn
 from mmcv.transforms import Compose
 from mmengine.config import Config
-from mmengine.registry import init_default_scope
 from mmengine.runner import load_checkpoint
 
-from mmseg.registry import MODELS, TRANSFORMS
+from mmseg.registry import TRANSFORMS
 from mmseg.structures import SegDataSample
 from ..datasets.transforms.text_transforms import clean_sentence
 from ..visualization.refer_visualizer import draw_refer_panels
-from .config import load_config
+from .config import build_model, load_config
 
 __all__ = [
     'init_model', 'inference_model', 'build_inference_pipeline',
@@ -99,8 +98,7 @@ def init_model(config: Union[str, Path, Config],
         config = copy.deepcopy(config)
     config = load_config(config, cfg_options)
     _strip_pretrained(config.model)
-    init_default_scope(config.get('default_scope', 'mmseg'))
-    model = MODELS.build(config.model)
+    model = build_model(config)
     dataset_meta: Dict = dict(DEFAULT_DATASET_META)
     if checkpoint is None:
         warnings.warn('init_model: no checkpoint given, the model keeps its '

@@ -389,15 +389,10 @@ def build(config: str, cfg_options: Optional[dict],
           device: torch.device, seed: int = 0):
     """(config, model) with random weights on ``device`` (no
     ``init_weights``: no checkpoint is read)."""
-    from mmengine.registry import init_default_scope
-    from mmseg.registry import MODELS
-
-    from mmseg_sera.apis.config import load_config  # registers components
+    from mmseg_sera.apis.config import build_model, load_config
     cfg = load_config(config, cfg_options)
-    init_default_scope(cfg.get('default_scope', 'mmseg'))
     torch.manual_seed(seed)
-    model = MODELS.build(cfg.model)
-    return cfg, model.to(device)
+    return cfg, build_model(cfg).to(device)
 
 
 def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:

@@ -116,13 +116,8 @@ def build_model(config: str, cfg_options: Optional[dict] = None
                 ) -> nn.Module:
     """Build the model of ``config`` with random weights (no
     ``init_weights``: no checkpoint is read)."""
-    from mmengine.registry import init_default_scope
-    from mmseg.registry import MODELS
-
-    from mmseg_sera.apis.config import load_config  # registers components
-    cfg = load_config(config, cfg_options)
-    init_default_scope(cfg.get('default_scope', 'mmseg'))
-    return MODELS.build(cfg.model)
+    from mmseg_sera.apis.config import build_model as build, load_config
+    return build(load_config(config, cfg_options))
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
