@@ -4,7 +4,7 @@ import torch
 
 from mmseg_sera.models.moe.experts import (BoundaryExpert, ContextExpert,
                                            ShapeExpert, SpatialExpert,
-                                           coord_grid)
+                                           _pad_replicate, coord_grid)
 from mmseg_sera.models.moe.losses import (balance_loss, token_assignment_loss,
                                           z_loss)
 from mmseg_sera.models.necks.sera_fusion import SERAFusion
@@ -263,6 +263,18 @@ def test_sobel_gradients_on_a_ramp():
     assert torch.allclose(g[1], torch.zeros(H, W))
     flat = ex.gradients(torch.full((1, 1, H, W), 3.0))
     assert flat.abs().max() == 0  # no fake edge at the frame
+
+
+@pytest.mark.parametrize('p', [1, 2, 3])
+def test_pad_replicate_equals_torch_replicate_padding(p):
+    x = torch.randn(2, 3, 5, 4, requires_grad=True)
+    ref = torch.nn.functional.pad(x, (p, p, p, p), mode='replicate')
+    out = _pad_replicate(x, p)
+    assert torch.equal(out, ref)
+    g = torch.randn_like(ref)
+    grad_ref, = torch.autograd.grad(ref, x, g)
+    grad, = torch.autograd.grad(out, x, g)
+    torch.testing.assert_close(grad, grad_ref)
 
 
 def test_shape_expert_filters_and_residual():

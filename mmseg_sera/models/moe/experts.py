@@ -51,6 +51,19 @@ def coord_grid(h: int, w: int, *, device: Optional[torch.device] = None,
     return torch.stack([xs, ys], dim=0).unsqueeze(0)
 
 
+def _pad_replicate(x: Tensor, p: int) -> Tensor:
+    """``F.pad(x, (p, p, p, p), mode='replicate')`` as two index gathers.
+
+    Same values and gradients; written this way because Inductor
+    (``torch.compile``, CPU, torch 2.14) mis-predicts the strides of the
+    replication-pad backward kernel and stops with an assertion.
+    """
+    H, W = x.shape[-2:]
+    rows = torch.arange(-p, H + p, device=x.device).clamp_(0, H - 1)
+    cols = torch.arange(-p, W + p, device=x.device).clamp_(0, W - 1)
+    return x.index_select(-2, rows).index_select(-1, cols)
+
+
 def _depthwise(x: Tensor, kernel: Tensor) -> Tensor:
     """Apply one k x k ``kernel`` (``K x 1 x k x k``, K filters) to every
     channel of ``x`` (``B x C x h x w``) with replicate padding.
@@ -60,7 +73,7 @@ def _depthwise(x: Tensor, kernel: Tensor) -> Tensor:
     B, C, H, W = x.shape
     K, _, k, _ = kernel.shape
     p = k // 2
-    xp = F.pad(x, (p, p, p, p), mode='replicate')
+    xp = _pad_replicate(x, p)
     weight = kernel.to(dtype=x.dtype).repeat(C, 1, 1, 1)  # (C*K) x 1 x k x k
     y = F.conv2d(xp, weight, groups=C)
     return y.view(B, C, K, H, W)
@@ -288,7 +301,7 @@ class ShapeExpert(_DenseExpert):
         self._check(x)
         if self.learnable_blur:
             p = self.blur_kernel_size // 2
-            low = F.conv2d(F.pad(x, (p, p, p, p), mode='replicate'),
+            low = F.conv2d(_pad_replicate(x, p),
                            self.blur.to(x.dtype), groups=self.channels)
         else:
             low = _depthwise(x, self.blur)[:, :, 0]
