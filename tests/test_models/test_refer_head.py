@@ -84,6 +84,38 @@ def test_up_channels_narrow_the_upsampling_path():
             _head(up_channels=bad)
 
 
+def _attn_dropouts(head: ReferHead) -> list:
+    layer = head.decoder.layers[0]
+    return [layer.self_attn.dropout, layer.cross_attn.dropout]
+
+
+def test_decoder_attention_dropout_is_separate():
+    default = _head(num_decoder_layers=1, decoder_dropout=0.2)
+    assert _attn_dropouts(default) == [0.2, 0.2]
+    assert default.decoder.layers[0].drop.p == 0.2
+
+    # Residual/FFN dropout off, attention-weight dropout on: training-mode
+    # outputs vary from call to call, and only because of the attention.
+    feats, text = (torch.randn(2, D, 6, 6), ), _text(2)
+    only_attn = _head(num_decoder_layers=1, decoder_dropout=0.0,
+                      decoder_attn_dropout=0.5).train()
+    assert _attn_dropouts(only_attn) == [0.5, 0.5]
+    assert only_attn.decoder.layers[0].drop.p == 0.0
+    torch.manual_seed(1)
+    first = only_attn(feats, text)
+    assert not torch.allclose(first, only_attn(feats, text))
+
+    # Attention dropout off: the training-mode decoder is deterministic
+    # (BN in training mode still normalises by batch statistics, equally).
+    no_attn = _head(num_decoder_layers=1, decoder_dropout=0.0,
+                    decoder_attn_dropout=0.0).train()
+    torch.testing.assert_close(no_attn(feats, text), no_attn(feats, text))
+    # ... and equals the eval-mode decoder (no dropout anywhere).
+    v = torch.randn(2, D, 6, 6)
+    train_out = no_attn.decoder(v, text)
+    torch.testing.assert_close(train_out, no_attn.eval().decoder(v, text))
+
+
 def test_input_selection_last_and_concat():
     head = _head().eval()
     a, b = torch.randn(2, D, 6, 6), torch.randn(2, D, 6, 6)

@@ -57,6 +57,10 @@ model = dict(
         text_dims=text_dims,
         pooled_dims=text_dims,
         num_decoder_layers=1,
+        # Dropout 0.1 on the decoder's residual branches, none on attention
+        # weights: with it PyTorch materialises the 1024 x 1024 attention map
+        # at 448 px, 0.64 s more per CPU training step (docs/benchmarks.md).
+        decoder_attn_dropout=0.0,
         # 2x steps 256 -> 128 (stride 8) -> 64 (stride 4), then a 1x1 back to
         # 256: the stride-4 convolutions cost a fifth of a 256-wide path
         # (training step 3.05x -> 2.64x, inference 1.17x -> 1.03x the frozen

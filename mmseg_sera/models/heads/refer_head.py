@@ -41,18 +41,21 @@ class VLDecoderLayer(nn.Module):
         v = v + Drop(LN_ca(CrossAttn(q = LN2(v) + P_v, k = w + P_t, val = w,
                                      key_padding_mask = pad)))
         v = v + Drop(Lin(LN(Drop(ReLU(Lin(LN3(v)))))))
+
+    ``Drop`` has rate ``dropout``; both attentions also drop attention
+    weights at rate ``attn_dropout``.
     """
 
     def __init__(self, *, dims: int, text_dims: int, num_heads: int,
-                 ffn_dims: int, dropout: float) -> None:
+                 ffn_dims: int, dropout: float, attn_dropout: float) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dims)
         self.self_attn = nn.MultiheadAttention(
-            dims, num_heads, dropout=dropout, batch_first=True)
+            dims, num_heads, dropout=attn_dropout, batch_first=True)
         self.norm_sa = nn.LayerNorm(dims)
         self.norm2 = nn.LayerNorm(dims)
         self.cross_attn = nn.MultiheadAttention(
-            dims, num_heads, dropout=dropout, kdim=text_dims,
+            dims, num_heads, dropout=attn_dropout, kdim=text_dims,
             vdim=text_dims, batch_first=True)
         self.norm_ca = nn.LayerNorm(dims)
         self.norm3 = nn.LayerNorm(dims)
@@ -86,7 +89,7 @@ class VLDecoder(nn.Module):
 
     def __init__(self, *, num_layers: int, dims: int, text_dims: int,
                  num_heads: int, ffn_dims: int, dropout: float,
-                 text_pos: bool = True) -> None:
+                 attn_dropout: float, text_pos: bool = True) -> None:
         super().__init__()
         if dims % num_heads:
             raise ValueError(f'decoder width {dims} is not divisible by '
@@ -94,8 +97,8 @@ class VLDecoder(nn.Module):
         self.layers = nn.ModuleList(
             VLDecoderLayer(
                 dims=dims, text_dims=text_dims, num_heads=num_heads,
-                ffn_dims=ffn_dims, dropout=dropout)
-            for _ in range(num_layers))
+                ffn_dims=ffn_dims, dropout=dropout,
+                attn_dropout=attn_dropout) for _ in range(num_layers))
         self.norm = nn.LayerNorm(dims)
         self.text_pos = text_pos
 
@@ -194,7 +197,14 @@ class ReferHead(BaseDecodeHead):
         num_decoder_layers: VL decoder layers at the input resolution;
             0 disables the decoder.
         decoder_heads / decoder_ffn_channels / decoder_dropout: decoder
-            attention heads, FFN width (``None``: d) and dropout.
+            attention heads, FFN width (``None``: d) and dropout (residual
+            branches and FFN).
+        decoder_attn_dropout: dropout on the decoder's attention weights
+            (``None``: ``decoder_dropout``, as in CRIS/ETRIS).  Any rate
+            above 0 makes PyTorch materialise the N x N self-attention map
+            instead of running its fused kernel: at 448 px (N = 1024) that
+            alone costs about 7 % of a frozen DINOv2-B forward per training
+            step on the CPU (docs/benchmarks.md).
         decoder_text_pos: add a 1-D sine code to the word keys.
         in_stride / out_stride: input map stride (patch 14) and logit
             stride (4); upsampling factor r = in_stride / out_stride.
@@ -226,6 +236,7 @@ class ReferHead(BaseDecodeHead):
                  decoder_heads: int = 8,
                  decoder_ffn_channels: Optional[int] = None,
                  decoder_dropout: float = 0.1,
+                 decoder_attn_dropout: Optional[float] = None,
                  decoder_text_pos: bool = True,
                  in_stride: int = 14,
                  out_stride: int = 4,
@@ -285,6 +296,8 @@ class ReferHead(BaseDecodeHead):
                 num_layers=num_decoder_layers, dims=d, text_dims=text_dims,
                 num_heads=decoder_heads,
                 ffn_dims=decoder_ffn_channels or d, dropout=decoder_dropout,
+                attn_dropout=(decoder_dropout if decoder_attn_dropout is None
+                              else decoder_attn_dropout),
                 text_pos=decoder_text_pos)
 
         ratio = in_stride / out_stride
