@@ -342,6 +342,29 @@ def test_with_cp_matches():
         torch.testing.assert_close(grads[0][n], grads[1][n])
 
 
+def test_explicit_attention_equals_fused():
+    """``Attention.fused=False`` (explicit softmax(q k^T / sqrt(d)) v, the
+    benchmark's reference path) gives the SDPA result and gradients."""
+    model = randomize_(tiny(trainable='full', num_register_tokens=4))
+    x = torch.randn(2, 3, 42, 56)
+    outs, grads = [], []
+    for fused in (True, False):
+        for blk in model.blocks:
+            blk.attn.fused = fused
+        model.zero_grad()
+        feats = model(x)
+        sum((f * f).sum() for f in feats).backward()
+        outs.append(feats)
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()
+                      if p.grad is not None})
+    for fa, fb in zip(*outs):
+        torch.testing.assert_close(fa, fb, rtol=1e-5, atol=1e-5)
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-4,
+                                   atol=1e-5)
+
+
 def test_pretrained_init(tmp_path):
     src = randomize_(tiny(num_register_tokens=4))
     path = tmp_path / 'dinov2_ours.pth'

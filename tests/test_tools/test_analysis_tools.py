@@ -187,6 +187,29 @@ def test_bypass_freeze_and_loss_sum(bm, tiny_model):
         bm.total_loss(dict(acc=one))
 
 
+def test_explicit_attention_switch(bm, tiny_model, monkeypatch):
+    backbone = tiny_model.backbone.eval()
+    attns = [blk.attn for blk in backbone.blocks]
+    x = torch.randn(1, 3, 56, 56)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    calls = []
+    monkeypatch.setattr(torch.nn.functional, 'scaled_dot_product_attention',
+                        lambda *a, **k: calls.append(1) or sdpa(*a, **k))
+    with torch.no_grad():
+        fused = bm.backbone_features(backbone, x)
+        assert len(calls) == len(attns)
+        with bm.explicit_attention(backbone):
+            assert not any(a.fused for a in attns)
+            explicit = bm.backbone_features(backbone, x)
+    assert len(calls) == len(attns)  # no SDPA call inside the block
+    assert all(a.fused for a in attns)  # restored
+    for f, e in zip(fused, explicit):
+        torch.testing.assert_close(f, e, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match='no attention module'):
+        with bm.explicit_attention(torch.nn.Linear(2, 2)):
+            pass
+
+
 def test_batch_is_fixed_and_preprocessed(bm, tiny_model):
     a, b = bm.make_batch(3, 112, seed=1), bm.make_batch(3, 112, seed=1)
     assert all(torch.equal(x, y) for x, y in zip(a['inputs'], b['inputs']))
@@ -263,6 +286,19 @@ def test_benchmark_two_configs(bm, tmp_path, capsys):
     assert a['phases']['frozen_forward']['ratio'] == b['phases'][
         'frozen_forward']['ratio'] == 1.0
     assert 'B / A' in capsys.readouterr().out
+
+
+def test_benchmark_explicit_attention_reference(bm, capsys):
+    report = bm.main([TINY_CONFIG, *FAST, '--interleave',
+                      '--explicit-attn-ref'])
+    phases = report['results'][0]['phases']
+    assert list(phases) == list(bm.PHASES + bm.REF_PHASES)
+    ref = phases['frozen_forward_explicit']['median_s']
+    for r in phases.values():
+        assert r['ratio_explicit'] == pytest.approx(r['median_s'] / ref)
+    printed = capsys.readouterr().out
+    assert "(b') (b), explicit attention" in printed
+    assert "ratio to the explicit-attention frozen forward: (b') " in printed
 
 
 def test_benchmark_cfg_options2_changes_the_second_model_only(bm):

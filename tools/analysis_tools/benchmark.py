@@ -3,8 +3,8 @@
     python tools/analysis_tools/benchmark.py CONFIG [CONFIG2]
         [--batch-size 2] [--img-size 448] [--device cpu|cuda]
         [--repeats 3] [--warmup 1] [--amp bf16|fp16] [--breakdown]
-        [--profile N] [--json FILE] [--cfg-options KEY=VALUE ...]
-        [--cfg-options2 KEY=VALUE ...]
+        [--profile N] [--explicit-attn-ref] [--json FILE]
+        [--cfg-options KEY=VALUE ...] [--cfg-options2 KEY=VALUE ...]
 
 Builds the model of CONFIG with random weights (``init_weights`` is not
 run: no checkpoint is read) and times four phases on one fixed batch
@@ -33,6 +33,14 @@ run: no checkpoint is read) and times four phases on one fixed batch
 (d) ``inference``: ``model(**data, mode='predict')`` under ``no_grad`` in
     eval mode (including the resize to the original size and the
     threshold).
+
+``--explicit-attn-ref`` adds two reference phases, (a') and (b'): (a)
+and (b) with every backbone ``Attention`` switched to explicit matmuls and
+softmax (``fused=False``), the path the official DINOv2 code (and so the
+peer methods built on it) takes without xFormers, e.g. on a CPU.  The
+fused kernel makes (a) faster than (a'), so ratios to (a) are stricter
+than the peers' own ratios; the report also gives (b), (c) and (d) as
+ratios to (a').
 
 Each phase runs ``--warmup`` untimed calls, then ``--repeats`` timed ones
 (``time.perf_counter``, with ``torch.cuda.synchronize()`` around each call
@@ -103,8 +111,16 @@ PHASE_LABELS = {
     'train_step': '(c) training step',
     'inference': '(d) inference (predict)',
 }
+# --explicit-attn-ref: (a) and (b) with explicit attention
+REF_PHASES = ('frozen_forward_explicit', 'frozen_fwd_bwd_explicit')
+PHASE_LABELS.update({
+    'frozen_forward_explicit': "(a') (a), explicit attention",
+    'frozen_fwd_bwd_explicit': "(b') (b), explicit attention",
+})
 # increasing memory: (a) < (d) < (b) < (c)
 RUN_ORDER = ('frozen_forward', 'inference', 'frozen_fwd_bwd', 'train_step')
+REF_RUN_ORDER = ('frozen_forward', 'frozen_forward_explicit', 'inference',
+                 'frozen_fwd_bwd', 'frozen_fwd_bwd_explicit', 'train_step')
 SENTENCES = (
     'the man in the red shirt on the left',
     'a white car parked behind the bus',
@@ -201,6 +217,32 @@ def params_frozen(module: nn.Module) -> Iterator[None]:
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
+
+
+def fused_attention_modules(backbone: nn.Module) -> List[nn.Module]:
+    """The attention modules of ``backbone`` with a ``fused`` switch."""
+    modules = [m for m in backbone.modules()
+               if isinstance(getattr(m, 'fused', None), bool)]
+    if not modules:
+        raise ValueError(
+            f'--explicit-attn-ref: {type(backbone).__name__} has no attention '
+            'module with a `fused` switch (DINOv2 has one)')
+    return modules
+
+
+@contextlib.contextmanager
+def explicit_attention(backbone: nn.Module) -> Iterator[None]:
+    """Every attention module of ``backbone`` with a ``fused`` switch runs
+    with ``fused=False`` inside the block (restored afterwards)."""
+    modules = fused_attention_modules(backbone)
+    flags = [m.fused for m in modules]
+    for m in modules:
+        m.fused = False
+    try:
+        yield
+    finally:
+        for m, flag in zip(modules, flags):
+            m.fused = flag
 
 
 def backbone_features(backbone: nn.Module, x: torch.Tensor,
@@ -409,21 +451,24 @@ def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
 
 
 def make_phases(model: nn.Module, train_data: Dict, test_data: Dict,
-                optimizer: torch.optim.Optimizer,
-                autocast: Callable) -> Dict[str, Callable[[], None]]:
-    """The four timed callables (see the module docstring)."""
+                optimizer: torch.optim.Optimizer, autocast: Callable,
+                explicit_ref: bool = False) -> Dict[str, Callable[[], None]]:
+    """The four timed callables (see the module docstring), and with
+    ``explicit_ref`` the two reference phases (a') and (b')."""
     backbone = model.backbone
     x_train = train_data['inputs']
     x_test = test_data['inputs']
 
-    def frozen_forward():
+    def frozen_forward(attention=contextlib.nullcontext):
         model.eval()
-        with torch.no_grad(), adapters_bypassed(backbone), autocast():
+        with torch.no_grad(), adapters_bypassed(backbone), \
+                attention(backbone), autocast():
             backbone_features(backbone, x_test)
 
-    def frozen_fwd_bwd():
+    def frozen_fwd_bwd(attention=contextlib.nullcontext):
         model.eval()
-        with adapters_bypassed(backbone), params_frozen(backbone):
+        with adapters_bypassed(backbone), params_frozen(backbone), \
+                attention(backbone):
             x = x_train.detach().clone().requires_grad_(True)
             with autocast():
                 feats = backbone_features(backbone, x)
@@ -445,8 +490,17 @@ def make_phases(model: nn.Module, train_data: Dict, test_data: Dict,
         with torch.no_grad(), autocast():
             model(**test_data, mode='predict')
 
-    return dict(frozen_forward=frozen_forward, frozen_fwd_bwd=frozen_fwd_bwd,
-                train_step=train_step, inference=inference)
+    phases = dict(frozen_forward=frozen_forward,
+                  frozen_fwd_bwd=frozen_fwd_bwd, train_step=train_step,
+                  inference=inference)
+    if explicit_ref:
+        fused_attention_modules(backbone)  # fail early without a switch
+        phases.update(
+            frozen_forward_explicit=lambda: frozen_forward(
+                explicit_attention),
+            frozen_fwd_bwd_explicit=lambda: frozen_fwd_bwd(
+                explicit_attention))
+    return phases
 
 
 # --------------------------------------------------------------------------
@@ -720,22 +774,27 @@ def benchmark_config(config: str, batch: Dict, args: argparse.Namespace,
             return contextlib.nullcontext()
         return torch.autocast(device_type=device.type, dtype=dtype)
 
-    phases = make_phases(model, train_data, test_data, optimizer, autocast)
+    ref = args.explicit_attn_ref
+    phases = make_phases(model, train_data, test_data, optimizer, autocast,
+                         explicit_ref=ref)
+    order = REF_RUN_ORDER if ref else RUN_ORDER
     if args.interleave:
         results = time_phases_interleaved(
-            phases, RUN_ORDER, device, repeats=args.repeats,
+            phases, order, device, repeats=args.repeats,
             warmup=args.warmup, max_spread=args.max_spread,
             max_attempts=args.max_attempts)
     else:
         results = {}
-        for name in RUN_ORDER:
+        for name in order:
             results[name] = time_phase(
                 phases[name], device, repeats=args.repeats,
                 warmup=args.warmup, max_spread=args.max_spread,
                 max_attempts=args.max_attempts)
-    ref = results['frozen_forward']['median_s']
-    for name in PHASES:
-        results[name]['ratio'] = results[name]['median_s'] / ref
+    for name, row in results.items():
+        row['ratio'] = row['median_s'] / results['frozen_forward']['median_s']
+        if ref:
+            row['ratio_explicit'] = row['median_s'] / results[
+                'frozen_forward_explicit']['median_s']
     label = osp.splitext(osp.basename(config))[0]
     if extra_options:
         label += ' + ' + ' '.join(f'{k}={v}' for k, v in
@@ -743,7 +802,7 @@ def benchmark_config(config: str, batch: Dict, args: argparse.Namespace,
     out = dict(config=osp.abspath(config), label=label,
                cfg_options=options,
                params=_param_counts(model),
-               phases={name: results[name] for name in PHASES})
+               phases={name: results[name] for name in _shown(results)})
     if args.breakdown:
         out['breakdown'] = breakdown_train_step(
             model, train_data, optimizer, autocast, device,
@@ -763,6 +822,11 @@ def benchmark_config(config: str, batch: Dict, args: argparse.Namespace,
 # --------------------------------------------------------------------------
 # tables
 # --------------------------------------------------------------------------
+def _shown(phases: Dict) -> List[str]:
+    """The phases of a run, in table order."""
+    return [name for name in PHASES + REF_PHASES if name in phases]
+
+
 def _mem(r: Dict) -> str:
     if r['peak_mem_mb'] is None:
         return '-'
@@ -787,7 +851,7 @@ def format_tables(report: Dict) -> str:
         r = runs[0]['phases']
         table = PrettyTable(['phase', 'median s', 'x (a)', 'spread',
                              mem_head + ' (+incr.)'])
-        for name in PHASES:
+        for name in _shown(r):
             table.add_row([PHASE_LABELS[name], _time(r[name]),
                            f'{r[name]["ratio"]:.2f}',
                            f'{r[name]["spread"]:.2f}', _mem(r[name])])
@@ -797,7 +861,7 @@ def format_tables(report: Dict) -> str:
             'phase', 'A s', 'A x(a)', 'B s', 'B x(a)', 'B / A',
             'A ' + mem_head, 'B ' + mem_head
         ])
-        for name in PHASES:
+        for name in _shown(a):
             table.add_row([
                 PHASE_LABELS[name], _time(a[name]), f'{a[name]["ratio"]:.2f}',
                 _time(b[name]), f'{b[name]["ratio"]:.2f}',
@@ -823,6 +887,15 @@ def format_tables(report: Dict) -> str:
     lines.append('* = disturbed (spread above --max-spread, re-measured). '
                  f'load average before {report["loadavg_before"]}, after '
                  f'{report["loadavg_after"]}')
+    for tag, run in zip('AB', runs):
+        r = run['phases']
+        if 'frozen_forward_explicit' in r:
+            lines.append(f"{tag}: x (a') = ratio to the explicit-attention "
+                         'frozen forward: ' + ', '.join(
+                             f'{PHASE_LABELS[name].split(" ")[0]} '
+                             f'{r[name]["ratio_explicit"]:.2f}'
+                             for name in ('frozen_fwd_bwd_explicit',
+                                          'train_step', 'inference')))
     for run in runs:
         if 'breakdown' in run:
             lines.append(format_breakdown(run['breakdown'], run['label']))
@@ -909,6 +982,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help='split a training step and predict per component')
     p.add_argument('--profile', type=int, default=0, metavar='N',
                    help='list the N operators with most self CPU time')
+    p.add_argument('--explicit-attn-ref', action='store_true',
+                   help="also time (a') and (b'): (a) and (b) with the "
+                   'backbone attention as explicit matmuls (the official '
+                   'DINOv2 path without xFormers)')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--json', metavar='FILE', help='write the results here')
     p.add_argument('--cfg-options', nargs='+', action=DictAction,
@@ -962,7 +1039,7 @@ def _run(args: argparse.Namespace) -> Dict:
         report['b_over_a'] = {
             name: results[1]['phases'][name]['median_s'] /
             results[0]['phases'][name]['median_s']
-            for name in PHASES
+            for name in _shown(results[0]['phases'])
         }
     return report
 

@@ -64,15 +64,21 @@ class Attention(nn.Module):
 
     ``qkv`` packs q, k, v (3C x C, in that order, heads contiguous), as the
     DINOv2 / timm checkpoints do. B x N x C -> B x N x C.
+
+    ``fused=True`` computes it with ``F.scaled_dot_product_attention`` (no
+    N x N map is kept); ``False`` with explicit matmuls and softmax, as the
+    official DINOv2 ``Attention`` does without xFormers (same result; the
+    benchmark uses it as the peers' reference forward).
     """
 
     def __init__(self, embed_dims: int, num_heads: int, qkv_bias: bool = True,
-                 proj_bias: bool = True) -> None:
+                 proj_bias: bool = True, fused: bool = True) -> None:
         super().__init__()
         if embed_dims % num_heads:
             raise ValueError(f'embed_dims={embed_dims} is not divisible by '
                              f'num_heads={num_heads}')
         self.num_heads = num_heads
+        self.fused = fused
         self.qkv = nn.Linear(embed_dims, 3 * embed_dims, bias=qkv_bias)
         self.proj = nn.Linear(embed_dims, embed_dims, bias=proj_bias)
 
@@ -81,7 +87,12 @@ class Attention(nn.Module):
         # B x N x 3C -> 3 x B x heads x N x d
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads,
                                   C // self.num_heads).permute(2, 0, 3, 1, 4)
-        x = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        if self.fused:
+            x = F.scaled_dot_product_attention(q, k, v)
+        else:
+            attn = (q * q.shape[-1]**-0.5) @ k.transpose(-2, -1)
+            x = attn.softmax(dim=-1) @ v
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
 
 
