@@ -203,8 +203,8 @@ class ReferHead(BaseDecodeHead):
             (``None``: ``decoder_dropout``, as in CRIS/ETRIS).  Any rate
             above 0 makes PyTorch materialise the N x N self-attention map
             instead of running its fused kernel: at 448 px (N = 1024) that
-            alone costs about 7 % of a frozen DINOv2-B forward per training
-            step on the CPU (docs/benchmarks.md).
+            costs 0.64 s per CPU training step at batch 2, about 14 % of a
+            frozen DINOv2-B forward (docs/benchmarks.md).
         decoder_text_pos: add a 1-D sine code to the word keys.
         in_stride / out_stride: input map stride (patch 14) and logit
             stride (4); upsampling factor r = in_stride / out_stride.
