@@ -36,8 +36,9 @@ run: no checkpoint is read) and times four phases on one fixed batch
 
 ``--explicit-attn-ref`` adds two reference phases, (a') and (b'): (a)
 and (b) with every backbone ``Attention`` switched to explicit matmuls and
-softmax (``fused=False``), the path the official DINOv2 code (and so the
-peer methods built on it) takes without xFormers, e.g. on a CPU.  The
+softmax (``fused=False``), the path the official DINOv2 code (which the
+DINOv2-based peer methods build on) takes without xFormers, e.g. on a
+CPU.  The
 fused kernel makes (a) faster than (a'), so ratios to (a) are stricter
 than the peers' own ratios; the report also gives (b), (c) and (d) as
 ratios to (a').
