@@ -125,6 +125,16 @@ def test_fully_padded_sample_stays_finite():
     text.mask[1] = True
     out = adapter(x, (H, W), text)
     assert torch.isfinite(out.tokens).all()
+    # the padded sample gets no attention update, the other one its own
+    f = torch.randn(2, H * W, adapter.hidden_dims)
+    with torch.no_grad():
+        attended = adapter.cross_attend(f, text)
+        alone = adapter.cross_attend(
+            f[:1], TextFeatures(text.tokens[:1], text.mask[:1],
+                                text.pooled[:1]))
+    assert torch.equal(attended[1], f[1])
+    assert not torch.allclose(attended[0], f[0])
+    torch.testing.assert_close(attended[:1], alone)
 
 
 @pytest.mark.parametrize('hw', [(3, 5), (5, 3), (1, 7), (4, 4)])

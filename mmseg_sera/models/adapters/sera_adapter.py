@@ -214,16 +214,16 @@ class SERAAdapter(BaseModule):
         """Residual cross-modal attention of visual tokens ``f``
         (``B x N x d``) to the projected word tokens; ``B x N x d``."""
         kv = self.text_proj(text.tokens)
-        mask = text.mask
-        empty = mask.all(dim=1)  # B, samples with no valid word
-        if empty.any():
-            mask = mask & ~empty[:, None]
+        # A sample with no valid word attends to its padding instead (no
+        # NaN) and its attention output is zeroed.  Done without asking
+        # whether such a sample exists: that question would make a GPU
+        # forward wait for the device in every adapter.
+        empty = text.mask.all(dim=1)  # B
+        mask = text.mask & ~empty[:, None]
         q = self.query_norm(f)
         a = self.cross_attn(q, kv, kv, key_padding_mask=mask,
                             need_weights=False)[0]
-        if empty.any():
-            a = a * (~empty).to(a.dtype)[:, None, None]
-        return f + a
+        return f + a * (~empty).to(a.dtype)[:, None, None]
 
     def forward(self,
                 x: Tensor,
