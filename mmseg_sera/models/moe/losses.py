@@ -92,9 +92,11 @@ def token_assignment_loss(probs: Tensor, indices: Tensor) -> Tensor:
                          f'got {tuple(indices.shape)}')
     num_experts = p.shape[-1]
     top1 = indices.reshape(-1, indices.shape[-1])[:, 0]
-    if top1.numel() and (top1.min() < 0 or top1.max() >= num_experts):
-        raise ValueError('token_assignment_loss: expert indices must be in '
-                         f'[0, {num_experts})')
+    # checked on the device (a RuntimeError; on a GPU when it is reached)
+    # rather than by reading the indices on the host in every step
+    torch._assert_async(((top1 >= 0) & (top1 < num_experts)).all(),
+                        'token_assignment_loss: expert indices must be in '
+                        f'[0, {num_experts})')
     f = F.one_hot(top1, num_experts).float().mean(0)
     P = p.mean(0)
     return num_experts * torch.sum(f * P)
