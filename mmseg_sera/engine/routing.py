@@ -30,7 +30,9 @@ class RoutingRecord:
             through :func:`expert_label`: ``'SpatialExpert'`` ->
             ``'spatial'``).
         weights: ``B x E`` (per sample) or ``B x N x E`` (per token; N = h
-            x w row-major), float32 on the CPU, detached.  Rows sum to 1.
+            x w row-major), float32, detached, on the CPU (or on the
+            module's device: ``RoutingRecorder(to_cpu=False)``).  Rows sum
+            to 1.
         indices: ``B x K`` / ``B x N x K`` experts kept by a top-K router,
             or ``None`` for a soft router (every expert used).
     """
@@ -48,8 +50,9 @@ class RoutingRecord:
         highest-weighted expert; ``E`` float64, summing to the unit
         count."""
         w = self.weights.reshape(-1, self.num_experts)
-        return torch.bincount(
-            w.argmax(dim=-1), minlength=self.num_experts).double()
+        experts = torch.arange(self.num_experts, device=w.device)
+        # a comparison, not bincount: bincount reads its input on the host
+        return (w.argmax(dim=-1, keepdim=True) == experts).sum(0).double()
 
     def num_units(self) -> int:
         return self.weights.reshape(-1, self.num_experts).shape[0]
@@ -106,13 +109,18 @@ class RoutingRecorder:
         model: the segmentor (a DDP wrapper is unwrapped).
         modules: names of the routed modules to watch (default: all of
             :func:`routed_modules`).
+        to_cpu: copy the routing to the CPU as it is recorded (default).
+            ``False`` keeps it on the module's device: no host-device
+            synchronisation in the forward (``ExpertUtilisationHook`` sums
+            on the device and reads the sums once per logging window).
 
     Raises:
         ValueError: a name in ``modules`` is not a routed module.
     """
 
     def __init__(self, model: nn.Module,
-                 modules: Optional[Sequence[str]] = None) -> None:
+                 modules: Optional[Sequence[str]] = None,
+                 to_cpu: bool = True) -> None:
         found = dict(routed_modules(model))
         if modules is not None:
             unknown = sorted(set(modules) - set(found))
@@ -121,6 +129,7 @@ class RoutingRecorder:
                                  f'has {sorted(found)}')
             found = {n: found[n] for n in modules}
         self.modules: Dict[str, nn.Module] = found
+        self.to_cpu = to_cpu
         self.records: List[RoutingRecord] = []
         self._handles = []
 
@@ -135,14 +144,18 @@ class RoutingRecorder:
                 indices = output.routing.get('indices')
             if weights is None:
                 return
-            weights = weights.detach().float().cpu()
+            weights = weights.detach().float()
+            if indices is not None:
+                indices = indices.detach()
+            if self.to_cpu:
+                weights = weights.cpu()
+                indices = None if indices is None else indices.cpu()
             self.records.append(
                 RoutingRecord(
                     module=name,
                     experts=_expert_names(module, weights.shape[-1]),
                     weights=weights,
-                    indices=None
-                    if indices is None else indices.detach().cpu()))
+                    indices=indices))
 
         return hook
 

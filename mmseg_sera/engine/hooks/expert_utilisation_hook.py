@@ -68,7 +68,9 @@ class ExpertUtilisationHook(Hook):
         if self.interval is None:
             loggers = [h for h in runner.hooks if isinstance(h, LoggerHook)]
             self.interval = loggers[0].interval if loggers else 50
-        self._recorder = RoutingRecorder(runner.model)
+        # sums stay on the device until a window ends: no host read per
+        # forward
+        self._recorder = RoutingRecorder(runner.model, to_cpu=False)
         if not self._recorder.modules:
             print_log('ExpertUtilisationHook: the model has no routed '
                       'module; nothing to log', logger='current')
@@ -94,10 +96,10 @@ class ExpertUtilisationHook(Hook):
         for r in self._recorder.records:
             entry = self._sums.get(r.module)
             if entry is None:
+                zeros = r.weights.new_zeros(r.num_experts,
+                                            dtype=torch.float64)
                 entry = self._sums[r.module] = [
-                    r.experts,
-                    torch.zeros(r.num_experts, dtype=torch.float64),
-                    torch.zeros(r.num_experts, dtype=torch.float64), 0
+                    r.experts, zeros, zeros.clone(), 0
                 ]
             entry[1] += r.top1_counts()
             entry[2] += r.weight_sums()
@@ -110,6 +112,7 @@ class ExpertUtilisationHook(Hook):
         for module, (experts, counts, wsum, units) in self._sums.items():
             stats = torch.cat([counts, wsum, counts.new_tensor([units])])
             all_reduce(stats)  # sum over ranks; a no-op on one process
+            stats = stats.cpu()  # the one host read of the window
             E = len(experts)
             units = max(float(stats[-1]), 1.0)
             share = stats[:E] / units
