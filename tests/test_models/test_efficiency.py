@@ -160,3 +160,39 @@ def test_fusion_experts_compile_with_inductor():
     assert len(par_e) == len(par_c) > 10
     for a, b in zip(in_e + par_e, in_c + par_c):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+
+
+HOST_READS = ('__bool__', 'item', 'tolist', 'cpu', 'numpy', 'nonzero')
+
+
+@pytest.mark.parametrize('routing', ['sample', 'token'])
+def test_training_forward_never_reads_the_device(routing, monkeypatch):
+    """The training forward of the backbone (with SERA-Adapters) and of
+    SERA-Fusion with Top-K = E has no host read of a tensor value (``if
+    t.any()``, ``.item()``, ``.cpu()``, ...): on a GPU each would stall the
+    host until the device catches up, in the middle of the forward."""
+    model = build_tiny(neck=dict(routing=routing)).train()
+    assert model.neck.top_k == model.neck.num_experts
+    batch = make_batch(TEXTS, ORI, seed=3)
+    data = model.data_preprocessor(batch, True)
+    texts = model.texts_of(data['data_samples'])
+    # one sentence without any word left after padding is masked out:
+    # the adapter's empty-sentence guard must not need a host read either
+    text = model.text_encoder(texts)
+    text.mask[0] = True
+    reads = []
+
+    def guard(name):
+        def read(self, *args, **kwargs):
+            reads.append(name)
+            raise AssertionError(f'host read: Tensor.{name}')
+        return read
+
+    for name in HOST_READS:
+        monkeypatch.setattr(torch.Tensor, name, guard(name))
+    bb = model.backbone.forward_features(data['inputs'], text=text)
+    out = model.neck(bb.feats, text=text)
+    monkeypatch.undo()
+    assert reads == []
+    assert len(bb.routing) == 2 and out.routing['weights'].shape[0] == 3
+    assert torch.isfinite(out.feats[0]).all()
