@@ -1,14 +1,39 @@
 """Fixtures shared by the end-to-end tests."""
+import contextlib
 import os.path as osp
 import subprocess
 import sys
+from typing import Iterator, List
 
 import pytest
+import torch
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 TINY_CONFIG = osp.join(
     REPO, 'configs', 'sera',
     'sera_dinov2-tiny_clip-tiny_1xb16-50e_synthetic-112x112.py')
+
+
+# Tensor methods that read a tensor's values on the host: on a GPU each call
+# waits for the device to catch up.
+HOST_READS = ('__bool__', 'item', 'tolist', 'cpu', 'numpy', 'nonzero')
+
+
+@contextlib.contextmanager
+def count_host_reads() -> Iterator[List[str]]:
+    """Inside the block every call of a :data:`HOST_READS` method is
+    appended (by name) to the yielded list, and still does its work."""
+    reads: List[str] = []
+    with pytest.MonkeyPatch.context() as mp:
+        for name in HOST_READS:
+            real = getattr(torch.Tensor, name)
+
+            def read(self, *args, _name=name, _real=real, **kwargs):
+                reads.append(_name)
+                return _real(self, *args, **kwargs)
+
+            mp.setattr(torch.Tensor, name, read)
+        yield reads
 
 
 @pytest.fixture(scope='session')

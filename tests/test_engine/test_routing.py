@@ -11,7 +11,7 @@ from mmseg.registry import HOOKS, MODELS
 from mmseg_sera.engine import ExpertUtilisationHook, RoutingRecorder
 from mmseg_sera.engine.hooks import expert_utilisation_hook as hook_module
 from mmseg_sera.engine.routing import RoutingRecord, short_name
-from ..conftest import TINY_CONFIG
+from ..conftest import TINY_CONFIG, count_host_reads
 
 TEXTS = ['the red circle', 'the leftmost big square',
          'the blue triangle above the small circle']
@@ -64,33 +64,14 @@ def test_recorder_module_selection(tiny_model):
     assert [r.module for r in rec.records] == ['neck']
 
 
-HOST_READS = ('__bool__', 'item', 'tolist', 'cpu', 'numpy')
-
-
-def _count_host_reads(monkeypatch) -> list:
-    """Patch the Tensor methods that read values on the host; each call is
-    appended to the returned list (and still works)."""
-    reads = []
-    for name in HOST_READS:
-        real = getattr(torch.Tensor, name)
-
-        def read(self, *args, _name=name, _real=real, **kwargs):
-            reads.append(_name)
-            return _real(self, *args, **kwargs)
-
-        monkeypatch.setattr(torch.Tensor, name, read)
-    return reads
-
-
-def test_recorder_on_device_equals_cpu_copy(tiny_model, monkeypatch):
+def test_recorder_on_device_equals_cpu_copy(tiny_model):
     tiny_model.eval()
     x = _images(3)
     with torch.no_grad(), RoutingRecorder(tiny_model) as on_cpu:
         tiny_model.extract_feat(x, TEXTS)
-    reads = _count_host_reads(monkeypatch)
-    with torch.no_grad(), RoutingRecorder(tiny_model, to_cpu=False) as dev:
+    with count_host_reads() as reads, torch.no_grad(), \
+            RoutingRecorder(tiny_model, to_cpu=False) as dev:
         tiny_model.extract_feat(x, TEXTS)
-    monkeypatch.undo()
     assert reads == []  # to_cpu=False copies nothing to the host
     assert [r.module for r in dev.records] == [r.module for r in
                                                on_cpu.records]
@@ -163,24 +144,24 @@ def test_hook_logs_window_shares(tiny_model, monkeypatch):
     assert not any(m._forward_hooks for _, m in tiny_model.named_modules())
 
 
-def test_hook_reads_the_device_once_per_window(tiny_model, monkeypatch):
+def test_hook_reads_the_device_once_per_window(tiny_model):
     tiny_model.train()
     runner = _runner(tiny_model)
     hook = ExpertUtilisationHook(interval=3, collapse_ratio=0)
     hook.before_train(runner)
-    reads = _count_host_reads(monkeypatch)
-    for it in range(2):  # inside the window: forwards and sums only
-        runner.iter = it
+    with count_host_reads() as reads:
+        for it in range(2):  # inside the window: forwards and sums only
+            runner.iter = it
+            with torch.no_grad():
+                tiny_model.extract_feat(_images(2), TEXTS[:2])
+            hook.after_train_iter(runner, it)
+        in_window = list(reads)
         with torch.no_grad():
             tiny_model.extract_feat(_images(2), TEXTS[:2])
-        hook.after_train_iter(runner, it)
-    assert reads == []
-    with torch.no_grad():
-        tiny_model.extract_feat(_images(2), TEXTS[:2])
-    runner.iter = 2
-    hook.after_train_iter(runner, 2)  # the window ends: one read per module
-    monkeypatch.undo()
+        runner.iter = 2
+        hook.after_train_iter(runner, 2)  # window ends: a read per module
     hook.after_train(runner)
+    assert in_window == []
     assert reads == ['cpu'] * 3
     assert runner.message_hub.get_scalar(
         'train/util_neck_spatial').current() >= 0
