@@ -12,8 +12,10 @@ def load_run_config(config_path: str, cfg_options: Optional[dict],
     """What ``tools/train.py`` and ``tools/test.py`` share: load the config,
     set the launcher and the work dir (command line > config >
     ``./work_dirs/<config name>``) and, for distributed runs, adapt the
-    settings to the machine (:func:`mmseg_sera.engine.adapt_dist_cfg`)."""
-    from ..engine import adapt_dist_cfg
+    settings to the machine (:func:`mmseg_sera.engine.adapt_dist_cfg`);
+    without CUDA, choose threads and dataloader workers from the machine
+    (:func:`mmseg_sera.engine.apply_cpu_plan`)."""
+    from ..engine import adapt_dist_cfg, apply_cpu_plan
     cfg = load_config(config_path, cfg_options)
     cfg.launcher = launcher
     if work_dir is not None:
@@ -24,6 +26,7 @@ def load_run_config(config_path: str, cfg_options: Optional[dict],
             osp.splitext(osp.basename(str(config_path)))[0])
     if launcher != 'none':
         adapt_dist_cfg(cfg)
+    apply_cpu_plan(cfg)
     return cfg
 
 

@@ -1,0 +1,107 @@
+"""Threads and dataloader workers chosen from the machine (CPU runs)."""
+import pytest
+import torch
+from mmengine.config import Config
+
+from mmseg_sera.engine import cpu_plan
+from mmseg_sera.engine.cpu_plan import apply_cpu_plan, plan_cpu_resources
+
+
+@pytest.mark.parametrize('cores, busy, world, conf, threads, workers', [
+    (2, 0.1, 1, 2, 2, 1),    # quiet 2-core machine: 2 threads, 1 worker
+    (2, 1.9, 1, 2, 1, 0),    # another job on both cores: 1 thread, no worker
+    (2, 1.0, 1, 2, 1, 0),    # one core busy
+    (16, 0.0, 1, 4, 16, 4),  # never more workers than configured
+    (16, 3.6, 1, 8, 12, 8),  # round(16 - 3.6) = 12 free
+    (16, 0.0, 4, 4, 4, 3),   # 4 ranks share 16 cores
+    (2, 0.0, 4, 2, 1, 0),    # more ranks than cores: 1 thread each
+    (2, 5.0, 1, 2, 1, 0),    # overloaded: still 1 thread
+])
+def test_rule(cores, busy, world, conf, threads, workers):
+    plan = plan_cpu_resources(cores, busy, world, conf)
+    assert (plan.threads, plan.max_workers) == (threads, workers)
+
+
+def test_explicit_choices_win():
+    plan = plan_cpu_resources(2, 1.9, 1, 4, threads=3, workers=2)
+    assert (plan.threads, plan.max_workers) == (3, 2)
+    # the cap never raises a loader above its configured count
+    assert plan_cpu_resources(8, 0, 1, 1, workers=6).max_workers == 1
+
+
+def _cfg(**env):
+    return Config(dict(
+        env_cfg=dict(**env),
+        train_dataloader=dict(num_workers=2, persistent_workers=True),
+        val_dataloader=dict(num_workers=1, persistent_workers=True),
+        test_dataloader=dict(num_workers=0, persistent_workers=False)))
+
+
+@pytest.fixture
+def restore_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def test_apply_sets_threads_and_workers(monkeypatch, restore_threads):
+    monkeypatch.setattr(cpu_plan, 'available_cores', lambda: 2)
+    monkeypatch.setattr(cpu_plan, 'busy_cores', lambda seconds: 1.8)
+    monkeypatch.delenv('WORLD_SIZE', raising=False)
+    monkeypatch.delenv('LOCAL_WORLD_SIZE', raising=False)
+    if torch.cuda.is_available():
+        pytest.skip('the plan only applies without CUDA')
+    cfg = _cfg()
+    plan = apply_cpu_plan(cfg)
+    assert (plan.threads, plan.max_workers, plan.busy) == (1, 0, 1.8)
+    assert torch.get_num_threads() == 1
+    for key in ('train_dataloader', 'val_dataloader', 'test_dataloader'):
+        assert cfg[key].num_workers == 0
+        assert cfg[key].persistent_workers is False
+
+    # quiet machine: 2 threads, loaders capped at 1 worker
+    monkeypatch.setattr(cpu_plan, 'busy_cores', lambda seconds: 0.0)
+    cfg = _cfg()
+    apply_cpu_plan(cfg)
+    assert torch.get_num_threads() == 2
+    assert cfg.train_dataloader.num_workers == 1
+    assert cfg.train_dataloader.persistent_workers is True
+    assert cfg.val_dataloader.num_workers == 1
+
+
+def test_apply_overrides_and_opt_out(monkeypatch, restore_threads):
+    if torch.cuda.is_available():
+        pytest.skip('the plan only applies without CUDA')
+    probed = []
+    monkeypatch.setattr(cpu_plan, 'busy_cores',
+                        lambda seconds: probed.append(seconds) or 0.0)
+    monkeypatch.delenv('WORLD_SIZE', raising=False)
+    monkeypatch.delenv('LOCAL_WORLD_SIZE', raising=False)
+    cfg = _cfg(cpu_threads=1, cpu_workers=2)
+    plan = apply_cpu_plan(cfg)
+    assert (plan.threads, plan.max_workers) == (1, 2)
+    assert cfg.train_dataloader.num_workers == 2
+    assert probed == []  # nothing left to measure
+    cfg = _cfg(cpu_plan=False)
+    assert apply_cpu_plan(cfg) is None
+    assert cfg.train_dataloader.num_workers == 2
+    # distributed start: the ranks split the cores, no probe
+    monkeypatch.setenv('WORLD_SIZE', '2')
+    monkeypatch.setattr(cpu_plan, 'available_cores', lambda: 2)
+    plan = apply_cpu_plan(_cfg())
+    assert (plan.threads, plan.max_workers, probed) == (1, 0, [])
+
+
+def test_busy_cores_sees_a_busy_process():
+    import subprocess
+    import sys
+    idle = cpu_plan.busy_cores(0.3)
+    spin = subprocess.Popen(
+        [sys.executable, '-c', 'import time\nt = time.time()\n'
+         'while time.time() - t < 5: pass'])
+    try:
+        busy = cpu_plan.busy_cores(1.0)
+    finally:
+        spin.kill()
+    assert 0.0 <= idle <= cpu_plan.os.cpu_count()
+    assert busy >= 0.7, (idle, busy)
