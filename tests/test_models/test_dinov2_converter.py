@@ -23,6 +23,7 @@ from timm.layers import SwiGLUPacked
 from timm.models.vision_transformer import (VisionTransformer,
                                             checkpoint_filter_fn)
 
+from mmseg_sera.models.backbones import dinov2 as dinov2_module
 from mmseg_sera.models.backbones.dinov2 import DINOv2
 from test_dinov2 import randomize_ as randomize_params_
 
@@ -257,3 +258,55 @@ def test_malformed_tables():
         conv.convert_dinov2(sd)
     with pytest.raises(ValueError, match='not tensors'):
         conv.convert_dinov2(dict(cls_token=torch.zeros(1), epoch=3))
+
+
+def test_recorded_resampling_applied_unless_set(tmp_path, monkeypatch):
+    """A converted timm checkpoint without registers needs timm's mode
+    (size-based, antialias), not the official no-register default: the
+    backbone takes it from the file unless the config sets it, and keeps it
+    in its own state for later loads (tools/test.py, init_model)."""
+    ref = timm_vit(reg=0)
+    src, dst = tmp_path / 'timm.pth', tmp_path / 'ours.pth'
+    torch.save(ref.state_dict(), src)
+    assert conv.main([str(src), str(dst)]) == 0
+    arch = dict(embed_dims=32, num_layers=DEPTH, num_heads=2)
+    logged = []
+    monkeypatch.setattr(dinov2_module, 'print_log',
+                        lambda msg, **kw: logged.append(msg))
+
+    def build(**kwargs):
+        return DINOv2(arch=arch, out_indices=tuple(range(DEPTH)), **kwargs)
+
+    m = build(init_cfg=dict(type='Pretrained', checkpoint=str(dst)))
+    assert (m.interpolate_offset, m.interpolate_antialias) == (0.1, False)
+    m.init_weights()
+    assert (m.interpolate_offset, m.interpolate_antialias) == (0.0, True)
+    assert_features(m.eval(), X, expected_timm(ref, X))
+    assert any('interpolate_offset=0.0 (' + str(dst) in msg
+               for msg in logged)
+
+    # a trained model's state carries the mode: a fresh model built from the
+    # same config (defaults 0.1 / False) gets it back, also after a dtype
+    # cast of the state
+    state = {k: v.double() if v.is_floating_point() else v
+             for k, v in m.state_dict().items()}
+    fresh = build()
+    fresh.load_state_dict(state)
+    assert (fresh.interpolate_offset, fresh.interpolate_antialias) == \
+        (0.0, True)
+    assert_features(fresh.float().eval(), X, expected_timm(ref, X))
+    # an older state without the buffer keeps the current mode (strict ok)
+    del state['pos_resampling']
+    older = build()
+    older.load_state_dict(state, strict=True)
+    assert older.interpolate_offset == 0.1
+
+    # an explicit option wins, with a warning; the other follows the file
+    logged.clear()
+    m = build(interpolate_offset=0.1,
+              init_cfg=dict(type='Pretrained', checkpoint=str(dst)))
+    m.init_weights()
+    assert (m.interpolate_offset, m.interpolate_antialias) == (0.1, True)
+    assert 'interpolate_offset=0.0 recorded, 0.1 set' in logged[0]
+    assert 'config wins' in logged[0]
+    assert 'interpolate_offset=0.1 (config)' in logged[1]

@@ -23,8 +23,8 @@ Layouts (source -> ours):
 
 Our layout keeps the class entry of the position table and never resizes
 the stored 37 x 37 table: the backbone resamples it at run time. How depends
-on the source code; the saved ``meta`` records it and the backbone warns on a
-mismatch:
+on the source code; the saved ``meta`` records it and the backbone applies it
+unless the config sets the options explicitly:
 
 * official, no registers: ``interpolate_offset=0.1``, no antialias;
 * official reg4: ``interpolate_offset=0.0``, antialias;

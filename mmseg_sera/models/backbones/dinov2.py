@@ -211,6 +211,12 @@ def _trainable_policy(name: str, module_is_norm: bool) -> bool:
     return module_is_norm or name.endswith('bias')
 
 
+def _decode_resampling(value: Tensor) -> Tuple[float, bool]:
+    """``pos_resampling`` buffer -> (interpolate_offset, antialias)."""
+    offset, antialias = value.tolist()
+    return offset / 1e4, bool(antialias)
+
+
 @MODELS.register_module()
 class DINOv2(BaseModule):
     """DINOv2 vision transformer (patch 14) with adapter slots.
@@ -232,6 +238,10 @@ class DINOv2(BaseModule):
             0.0 with registers.
         interpolate_antialias: antialias flag of that resampling. Default:
             False without registers, True with registers (timm: always True).
+            Either option left at ``None`` follows the mode recorded with
+            the weights when they are loaded (a converted checkpoint's
+            ``meta``, a trained model's ``pos_resampling`` buffer); an
+            explicit value always wins. See ``apply_recorded_resampling``.
         out_indices: block indices whose outputs are returned (``-1`` = the
             last block), as B x C x h x w maps, in increasing block order.
         out_norm: ``'last'`` applies the final LayerNorm to the last returned
@@ -329,15 +339,24 @@ class DINOv2(BaseModule):
         self.pos_grid = img_size // patch_size
         self.num_register_tokens = num_register_tokens
         has_reg = num_register_tokens > 0
-        self.interpolate_offset = float(
-            (0. if has_reg else 0.1
-             ) if interpolate_offset is None else interpolate_offset)
-        if self.interpolate_offset < 0:
+        if interpolate_offset is not None and interpolate_offset < 0:
             raise ValueError('interpolate_offset must be >= 0, got '
                              f'{interpolate_offset}')
-        if interpolate_antialias is None:
-            interpolate_antialias = has_reg
-        self.interpolate_antialias = bool(interpolate_antialias)
+        # Which resampling options the config set; the others follow the
+        # checkpoint's record (see ``apply_recorded_resampling``).
+        self._resampling_from_cfg = (interpolate_offset is not None,
+                                     interpolate_antialias is not None)
+        # The mode travels with the model's state (``pos_resampling``:
+        # [round(offset * 1e4), antialias], integers, so that dtype casts
+        # leave it alone), so that a model trained with a checkpoint's
+        # recorded mode is tested with it too.
+        self.register_buffer('pos_resampling', torch.zeros(2,
+                                                           dtype=torch.long))
+        self._set_resampling(
+            (0.1 if not has_reg else 0.) if interpolate_offset is None else
+            interpolate_offset,
+            has_reg if interpolate_antialias is None else
+            interpolate_antialias)
         self.out_indices = self._resolve_indices(out_indices, 'out_indices')
         if not self.out_indices:
             raise ValueError('out_indices must name at least one block')
@@ -567,6 +586,12 @@ class DINOv2(BaseModule):
             k: v
             for k, v in ckpt.items() if not k.startswith('adapters.')
         }
+        recorded = (meta.get('interpolate_offset'),
+                    meta.get('interpolate_antialias'))
+        source = f'{path} ({meta.get("source_layout")} layout)'
+        if 'pos_resampling' in ckpt:  # a model of this class saved whole
+            recorded = _decode_resampling(ckpt.pop('pos_resampling'))
+            source = path
         own = dict(self.backbone_named_parameters())
         unexpected = sorted(set(ckpt) - set(own))
         missing = sorted(set(own) - set(ckpt))
@@ -587,23 +612,76 @@ class DINOv2(BaseModule):
         with torch.no_grad():
             for k, v in ckpt.items():
                 own[k].copy_(v)
-        self._warn_on_interpolation_mismatch(meta, path)
+        self.apply_recorded_resampling(*recorded, source=source)
 
-    def _warn_on_interpolation_mismatch(self, meta: Dict, path: str) -> None:
-        want_offset = meta.get('interpolate_offset')
-        want_aa = meta.get('interpolate_antialias')
-        if want_offset is None or want_aa is None:
+    def _set_resampling(self, offset: float, antialias: bool) -> None:
+        self.interpolate_offset = float(offset)
+        self.interpolate_antialias = bool(antialias)
+        self.pos_resampling.copy_(
+            torch.tensor([round(self.interpolate_offset * 1e4),
+                          int(self.interpolate_antialias)]))
+
+    def apply_recorded_resampling(self, offset: Optional[float],
+                                  antialias: Optional[bool],
+                                  source: str) -> None:
+        """Take the position-table resampling mode recorded with weights.
+
+        A converted checkpoint records the mode of the code it came from
+        (``meta``; see ``tools/model_converters/dinov2_to_sera.py``), a
+        trained model carries the mode it was trained with
+        (``pos_resampling``). Each recorded value is applied unless the
+        config set that option explicitly; a conflicting explicit option
+        wins with a warning. The mode used is logged.
+        """
+        current = (self.interpolate_offset, self.interpolate_antialias)
+        recorded = (None if offset is None else float(offset),
+                    None if antialias is None else bool(antialias))
+        mode, origin, conflicts = [], [], []
+        for name, cur, rec, explicit in zip(
+                ('interpolate_offset', 'interpolate_antialias'), current,
+                recorded, self._resampling_from_cfg):
+            if rec is None or explicit:
+                mode.append(cur)
+                origin.append('config' if explicit else 'default')
+                if rec is not None and rec != cur:
+                    conflicts.append(f'{name}={rec} recorded, {cur} set')
+            else:
+                mode.append(rec)
+                origin.append(source)
+        if recorded == (None, None):
             return
-        if (float(want_offset) != self.interpolate_offset
-                or bool(want_aa) != self.interpolate_antialias):
+        self._set_resampling(*mode)
+        if conflicts:
             print_log(
-                f'{path} comes from the {meta.get("source_layout")} layout, '
-                f'whose code resamples the position table with '
-                f'interpolate_offset={want_offset}, interpolate_antialias='
-                f'{want_aa}; this model uses {self.interpolate_offset}, '
-                f'{self.interpolate_antialias}.',
-                logger='current',
-                level=30)
+                f'{source} records another position-table resampling mode '
+                f'than the config sets ({"; ".join(conflicts)}); the config '
+                'wins. Remove interpolate_offset / interpolate_antialias '
+                'from the config to use the recorded mode.',
+                logger='current', level=30)
+        print_log(
+            f'DINOv2 position-table resampling: interpolate_offset='
+            f'{mode[0]} ({origin[0]}), interpolate_antialias={mode[1]} '
+            f'({origin[1]})', logger='current')
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata,
+                              strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        """Loading a whole model's state (``load_state_dict``, MMEngine's
+        ``load_checkpoint``) also takes the resampling mode it was trained
+        with; a state without ``pos_resampling`` keeps the current mode."""
+        key = prefix + 'pos_resampling'
+        recorded = state_dict.get(key)
+        if recorded is not None:
+            state_dict = dict(state_dict)
+            del state_dict[key]
+        super()._load_from_state_dict(state_dict, prefix, local_metadata,
+                                      strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if key in missing_keys:
+            missing_keys.remove(key)
+        if recorded is not None:
+            self.apply_recorded_resampling(*_decode_resampling(recorded),
+                                           source='the loaded model state')
 
     # ------------------------------------------------------------------
     # forward
