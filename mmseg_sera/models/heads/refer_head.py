@@ -153,6 +153,22 @@ class TextDynamicProjector(nn.Module):
         return out.reshape(b, 1, h, w)
 
 
+def upsample_steps(x: Tensor, convs: Sequence[nn.Module],
+                   sizes: Sequence[Tuple[int, int]], *,
+                   align_corners: bool) -> Tensor:
+    """The 2x path of the mask heads: for each step i,
+    ``x = conv_i(bilinear_resize(x, sizes[i]))``.
+
+    x: B x C x h x w -> B x C' x sizes[-1] (``x`` itself with no steps).
+    """
+    for conv, size in zip(convs, sizes):
+        x = conv(
+            F.interpolate(
+                x, size=tuple(size), mode='bilinear',
+                align_corners=align_corners))
+    return x
+
+
 DEFAULT_LOSSES = (
     dict(type='CrossEntropyLoss', use_sigmoid=True, avg_non_ignore=True,
          loss_name='loss_mask', loss_weight=1.0),
@@ -160,9 +176,212 @@ DEFAULT_LOSSES = (
          loss_weight=1.0),
 )
 
+_LOSS_AT = ('gt', 'logits')
+
+
+class BaseReferHead(BaseDecodeHead):
+    """The contract every referring mask head of mmseg_sera keeps: maps +
+    sentence -> B x 1 x h' x w' logits, trained as one binary mask.
+
+    Subclasses (:class:`ReferHead`, ``CRISHead``) build their layers after
+    ``super().__init__`` and implement ``forward(inputs, text)``. This class
+    holds what they share:
+
+    - mmseg's binary convention: ``num_classes=2, out_channels=1``,
+      prediction ``sigmoid(logits) > threshold``; mmseg's static classifier
+      ``conv_seg`` is removed (the heads end in a dynamic projector);
+    - input selection (``in_index`` / ``input_transform``) and the checks of
+      ``TextFeatures`` against ``text_dims`` / ``pooled_dims``;
+    - ``loss`` / ``predict`` with ``text`` added to mmseg's signatures, and
+      :meth:`loss_by_feat` (see :class:`ReferHead` for the loss details).
+
+    Args (beyond :class:`BaseDecodeHead`'s):
+        text_dims: width Ct of ``text.tokens``.
+        pooled_dims: width Cp of ``text.pooled``.
+        loss_at: where the losses are computed. ``'gt'``: logits bilinearly
+            resized to the ground truth. ``'logits'``: the ground truth
+            nearest-resized to the logit grid (CRIS/ETRIS/DETRIS).
+    """
+
+    def __init__(self,
+                 *,
+                 in_channels: Union[int, Sequence[int]],
+                 channels: int,
+                 text_dims: int,
+                 pooled_dims: int,
+                 num_classes: int,
+                 out_channels: int,
+                 threshold: float,
+                 dropout_ratio: float,
+                 norm_cfg: Optional[ConfigType],
+                 act_cfg: ConfigType,
+                 in_index: Union[int, Sequence[int]],
+                 input_transform: Optional[str],
+                 loss_decode: Union[ConfigType, Sequence[ConfigType]],
+                 ignore_index: int,
+                 align_corners: bool,
+                 loss_at: str = 'gt',
+                 init_cfg: Optional[ConfigType] = None) -> None:
+        self._check_binary(num_classes, out_channels)
+        if loss_at not in _LOSS_AT:
+            raise ValueError(f'{type(self).__name__}: loss_at must be one of '
+                             f'{_LOSS_AT}, got {loss_at!r}')
+        if isinstance(loss_decode, tuple):
+            loss_decode = list(loss_decode)
+        super().__init__(
+            in_channels,
+            channels,
+            num_classes=num_classes,
+            out_channels=out_channels,
+            threshold=threshold,
+            dropout_ratio=dropout_ratio,
+            norm_cfg=norm_cfg,
+            act_cfg=act_cfg,
+            in_index=in_index,
+            input_transform=input_transform,
+            loss_decode=loss_decode,
+            ignore_index=ignore_index,
+            align_corners=align_corners,
+            init_cfg=init_cfg)
+        # The dynamic projector replaces mmseg's static classifier.
+        del self.conv_seg
+        self._check_losses()
+        self.text_dims = text_dims
+        self.pooled_dims = pooled_dims
+        self.loss_at = loss_at
+
+    @classmethod
+    def _check_binary(cls, num_classes: int, out_channels: int) -> None:
+        if out_channels != 1 or num_classes != 2:
+            raise ValueError(
+                f'{cls.__name__} predicts one binary mask: num_classes=2 and '
+                f'out_channels=1, got num_classes={num_classes}, '
+                f'out_channels={out_channels}')
+
+    def _check_losses(self) -> None:
+        """Reject loss configs that cannot work on 1-channel logits."""
+        name = type(self).__name__
+        losses = self.loss_decode if isinstance(
+            self.loss_decode, nn.ModuleList) else [self.loss_decode]
+        for loss in losses:
+            if isinstance(loss, CrossEntropyLoss) and not loss.use_sigmoid:
+                raise ValueError(
+                    f'{name}: CrossEntropyLoss needs use_sigmoid=True for '
+                    '1-channel logits')
+            if isinstance(loss, DiceLoss) and not (loss.use_sigmoid
+                                                   and loss.activate):
+                raise ValueError(
+                    f'{name}: DiceLoss needs use_sigmoid=True and '
+                    'activate=True (the head outputs raw logits)')
+            if isinstance(loss, DiceLoss) and loss.ignore_index == 0:
+                raise ValueError(
+                    f'{name}: DiceLoss(ignore_index=0) would drop the only '
+                    'channel; pixels are ignored via the head\'s '
+                    'ignore_index')
+
+    # ------------------------------------------------------------------
+    def _select(self, inputs: Union[Tensor, Sequence[Tensor]]) -> Tensor:
+        if isinstance(inputs, Tensor):
+            inputs = (inputs, )
+        return self._transform_inputs(list(inputs))
+
+    def _check_text(self, x: Tensor, text: TextFeatures, *,
+                    tokens: bool) -> None:
+        """Batch sizes agree; ``text.pooled`` (and ``text.tokens`` when
+        ``tokens``) have the configured widths."""
+        name = type(self).__name__
+        if x.shape[0] != text.pooled.shape[0]:
+            raise ValueError(
+                f'{name}: {x.shape[0]} images but {text.pooled.shape[0]} '
+                'sentences')
+        if text.pooled.shape[-1] != self.pooled_dims:
+            raise ValueError(
+                f'{name}: text.pooled has width {text.pooled.shape[-1]}, '
+                f'pooled_dims={self.pooled_dims}')
+        if tokens and text.tokens.shape[-1] != self.text_dims:
+            raise ValueError(
+                f'{name}: text.tokens has width '
+                f'{text.tokens.shape[-1]}, text_dims={self.text_dims}')
+
+    def forward(self, inputs: Union[Tensor, Sequence[Tensor]],
+                text: TextFeatures) -> Tensor:
+        raise NotImplementedError
+
+    def loss(self, inputs: Union[Tensor, Sequence[Tensor]],
+             text: TextFeatures, batch_data_samples: SampleList,
+             train_cfg: ConfigType) -> dict:
+        """forward -> loss_by_feat; returns ``loss_*`` and ``acc_seg``."""
+        return self.loss_by_feat(self.forward(inputs, text),
+                                 batch_data_samples)
+
+    def predict(self, inputs: Union[Tensor, Sequence[Tensor]],
+                text: TextFeatures, batch_img_metas: List[dict],
+                test_cfg: ConfigType) -> Tensor:
+        """forward -> logits B x 1 x H x W resized (bilinear) to the padded
+        input size (mmseg's ``predict_by_feat``)."""
+        return self.predict_by_feat(self.forward(inputs, text),
+                                    batch_img_metas)
+
+    def loss_by_feat(self, seg_logits: Tensor,
+                     batch_data_samples: SampleList) -> dict:
+        """Logits B x 1 x h x w and data samples with ``gt_sem_seg``
+        (1 x H x W, {0, 1, ignore_index}) -> dict of losses + ``acc_seg``.
+
+        With ``loss_at='gt'`` the logits are bilinearly resized to H x W;
+        with ``'logits'`` the labels are nearest-resized to h x w.
+
+        Raises:
+            ValueError: a valid label is not 0 or 1.
+        """
+        seg_label = self._stack_batch_gt(batch_data_samples)  # B x 1 x H x W
+        invalid = ((seg_label != 0) & (seg_label != 1)
+                   & (seg_label != self.ignore_index))
+        if bool(invalid.any()):
+            bad = seg_label[invalid].unique().tolist()
+            raise ValueError(
+                f'{type(self).__name__}: gt_sem_seg must hold 0, 1 or '
+                f'{self.ignore_index} (ignore), found {bad}')
+        if self.loss_at == 'logits':
+            seg_label = F.interpolate(
+                seg_label.float(), size=seg_logits.shape[2:],
+                mode='nearest')
+        else:
+            seg_logits = resize(
+                input=seg_logits,
+                size=seg_label.shape[2:],
+                mode='bilinear',
+                align_corners=self.align_corners)
+        seg_label = seg_label.squeeze(1).long()  # B x H x W
+        valid = seg_label != self.ignore_index
+        binary_target = (seg_label * valid)[:, None]  # B x 1 x H x W
+        masked_logits = seg_logits.masked_fill(~valid[:, None],
+                                               float('-inf'))
+
+        losses = self.loss_decode if isinstance(
+            self.loss_decode, nn.ModuleList) else [self.loss_decode]
+        out = dict()
+        for loss_decode in losses:
+            if isinstance(loss_decode, DiceLoss):
+                value = loss_decode(
+                    masked_logits, binary_target, weight=None,
+                    ignore_index=self.ignore_index)
+            else:
+                value = loss_decode(
+                    seg_logits, seg_label, weight=None,
+                    ignore_index=self.ignore_index)
+            name = loss_decode.loss_name
+            out[name] = out[name] + value if name in out else value
+
+        with torch.no_grad():
+            pred = seg_logits.squeeze(1).sigmoid() > self.threshold
+            correct = (pred == seg_label.bool()) & valid
+            out['acc_seg'] = correct.sum().float() * 100.0 / valid.sum(
+            ).clamp(min=1).float()
+        return out
+
 
 @MODELS.register_module()
-class ReferHead(BaseDecodeHead):
+class ReferHead(BaseReferHead):
     """Text-conditioned referring mask head: stride-14 maps + sentence ->
     B x 1 x H' x W' logits at stride ``out_stride``.
 
@@ -256,19 +475,15 @@ class ReferHead(BaseDecodeHead):
                  ignore_index: int = 255,
                  align_corners: bool = False,
                  init_cfg: Optional[ConfigType] = None) -> None:
-        if out_channels != 1 or num_classes != 2:
-            raise ValueError(
-                'ReferHead predicts one binary mask: num_classes=2 and '
-                f'out_channels=1, got num_classes={num_classes}, '
-                f'out_channels={out_channels}')
+        self._check_binary(num_classes, out_channels)
         if in_stride < out_stride:
             raise ValueError(f'in_stride={in_stride} must be >= '
                              f'out_stride={out_stride}')
-        if isinstance(loss_decode, tuple):
-            loss_decode = list(loss_decode)
         super().__init__(
-            in_channels,
-            channels,
+            in_channels=in_channels,
+            channels=channels,
+            text_dims=text_dims,
+            pooled_dims=pooled_dims,
             num_classes=num_classes,
             out_channels=out_channels,
             threshold=threshold,
@@ -281,13 +496,8 @@ class ReferHead(BaseDecodeHead):
             ignore_index=ignore_index,
             align_corners=align_corners,
             init_cfg=init_cfg)
-        # The dynamic projector replaces mmseg's static classifier.
-        del self.conv_seg
-        self._check_losses()
 
         d = self.in_channels
-        self.text_dims = text_dims
-        self.pooled_dims = pooled_dims
         self.in_stride = in_stride
         self.out_stride = out_stride
         self.decoder = None
@@ -321,26 +531,6 @@ class ReferHead(BaseDecodeHead):
             channels=channels, text_dims=pooled_dims,
             kernel_size=kernel_size)
 
-    def _check_losses(self) -> None:
-        """Reject loss configs that cannot work on 1-channel logits."""
-        losses = self.loss_decode if isinstance(
-            self.loss_decode, nn.ModuleList) else [self.loss_decode]
-        for loss in losses:
-            if isinstance(loss, CrossEntropyLoss) and not loss.use_sigmoid:
-                raise ValueError(
-                    'ReferHead: CrossEntropyLoss needs use_sigmoid=True for '
-                    '1-channel logits')
-            if isinstance(loss, DiceLoss) and not (loss.use_sigmoid
-                                                   and loss.activate):
-                raise ValueError(
-                    'ReferHead: DiceLoss needs use_sigmoid=True and '
-                    'activate=True (the head outputs raw logits)')
-            if isinstance(loss, DiceLoss) and loss.ignore_index == 0:
-                raise ValueError(
-                    'ReferHead: DiceLoss(ignore_index=0) would drop the only '
-                    'channel; pixels are ignored via the head\'s '
-                    'ignore_index')
-
     # ------------------------------------------------------------------
     def output_size(self, height: int, width: int) -> Tuple[int, int]:
         """Stride-``in_stride`` grid h x w -> logit grid H' x W',
@@ -349,24 +539,17 @@ class ReferHead(BaseDecodeHead):
         return (int(math.floor(height * ratio + 0.5)),
                 int(math.floor(width * ratio + 0.5)))
 
-    def _select(self, inputs: Union[Tensor, Sequence[Tensor]]) -> Tensor:
-        if isinstance(inputs, Tensor):
-            inputs = (inputs, )
-        return self._transform_inputs(list(inputs))
-
     def upsample(self, x: Tensor) -> Tensor:
         """B x d x h x w -> B x C x H' x W': 2x bilinear + Conv3x3-BN-ReLU
         steps, the last one resizing to exactly H' x W', then Conv1x1."""
         h, w = x.shape[-2:]
-        target = self.output_size(h, w)
-        for i, conv in enumerate(self.up_convs):
-            last = i == len(self.up_convs) - 1
-            size = target if last else (h * 2**(i + 1), w * 2**(i + 1))
-            x = conv(
-                F.interpolate(
-                    x, size=size, mode='bilinear',
-                    align_corners=self.align_corners))
-        return self.visual_proj(x)
+        n = len(self.up_convs)
+        sizes = [(h * 2**(i + 1), w * 2**(i + 1)) for i in range(n - 1)]
+        if n:
+            sizes.append(self.output_size(h, w))
+        return self.visual_proj(
+            upsample_steps(x, self.up_convs, sizes,
+                           align_corners=self.align_corners))
 
     def forward(self, inputs: Union[Tensor, Sequence[Tensor]],
                 text: TextFeatures) -> Tensor:
@@ -374,84 +557,10 @@ class ReferHead(BaseDecodeHead):
         text: TextFeatures (tokens B x L x Ct, mask B x L, pooled B x Cp)
         -> logits B x 1 x H' x W' (stride ``out_stride``)."""
         x = self._select(inputs)
-        if x.shape[0] != text.pooled.shape[0]:
-            raise ValueError(
-                f'ReferHead: {x.shape[0]} images but {text.pooled.shape[0]} '
-                'sentences')
-        if text.pooled.shape[-1] != self.pooled_dims:
-            raise ValueError(
-                f'ReferHead: text.pooled has width {text.pooled.shape[-1]}, '
-                f'pooled_dims={self.pooled_dims}')
+        self._check_text(x, text, tokens=self.decoder is not None)
         if self.decoder is not None:
-            if text.tokens.shape[-1] != self.text_dims:
-                raise ValueError(
-                    f'ReferHead: text.tokens has width '
-                    f'{text.tokens.shape[-1]}, text_dims={self.text_dims}')
             x = self.decoder(x, text)
         x = self.upsample(x)
         if self.dropout is not None:
             x = self.dropout(x)
         return self.projector(x, text.pooled)
-
-    def loss(self, inputs: Union[Tensor, Sequence[Tensor]],
-             text: TextFeatures, batch_data_samples: SampleList,
-             train_cfg: ConfigType) -> dict:
-        """forward -> loss_by_feat; returns ``loss_*`` and ``acc_seg``."""
-        return self.loss_by_feat(self.forward(inputs, text),
-                                 batch_data_samples)
-
-    def predict(self, inputs: Union[Tensor, Sequence[Tensor]],
-                text: TextFeatures, batch_img_metas: List[dict],
-                test_cfg: ConfigType) -> Tensor:
-        """forward -> logits B x 1 x H x W resized (bilinear) to the padded
-        input size (mmseg's ``predict_by_feat``)."""
-        return self.predict_by_feat(self.forward(inputs, text),
-                                    batch_img_metas)
-
-    def loss_by_feat(self, seg_logits: Tensor,
-                     batch_data_samples: SampleList) -> dict:
-        """Logits B x 1 x h x w and data samples with ``gt_sem_seg``
-        (1 x H x W, {0, 1, ignore_index}) -> dict of losses + ``acc_seg``.
-
-        Raises:
-            ValueError: a valid label is not 0 or 1.
-        """
-        seg_label = self._stack_batch_gt(batch_data_samples)  # B x 1 x H x W
-        seg_logits = resize(
-            input=seg_logits,
-            size=seg_label.shape[2:],
-            mode='bilinear',
-            align_corners=self.align_corners)
-        seg_label = seg_label.squeeze(1).long()  # B x H x W
-        valid = seg_label != self.ignore_index
-        invalid = (seg_label != 0) & (seg_label != 1) & valid
-        if bool(invalid.any()):
-            bad = seg_label[invalid].unique().tolist()
-            raise ValueError(
-                f'ReferHead: gt_sem_seg must hold 0, 1 or {self.ignore_index}'
-                f' (ignore), found {bad}')
-        binary_target = (seg_label * valid)[:, None]  # B x 1 x H x W
-        masked_logits = seg_logits.masked_fill(~valid[:, None],
-                                               float('-inf'))
-
-        losses = self.loss_decode if isinstance(
-            self.loss_decode, nn.ModuleList) else [self.loss_decode]
-        out = dict()
-        for loss_decode in losses:
-            if isinstance(loss_decode, DiceLoss):
-                value = loss_decode(
-                    masked_logits, binary_target, weight=None,
-                    ignore_index=self.ignore_index)
-            else:
-                value = loss_decode(
-                    seg_logits, seg_label, weight=None,
-                    ignore_index=self.ignore_index)
-            name = loss_decode.loss_name
-            out[name] = out[name] + value if name in out else value
-
-        with torch.no_grad():
-            pred = seg_logits.squeeze(1).sigmoid() > self.threshold
-            correct = (pred == seg_label.bool()) & valid
-            out['acc_seg'] = correct.sum().float() * 100.0 / valid.sum(
-            ).clamp(min=1).float()
-        return out
