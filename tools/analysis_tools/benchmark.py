@@ -193,13 +193,15 @@ def total_loss(losses: Dict) -> torch.Tensor:
 @contextlib.contextmanager
 def adapters_bypassed(backbone: nn.Module) -> Iterator[None]:
     """Run ``backbone`` without its adapter slots: ``backbone.adapters``
-    is an empty ``ModuleDict`` inside the block (restored afterwards)."""
+    is emptied inside the block (restored afterwards)."""
     from mmengine.model import ModuleDict
     adapters = getattr(backbone, 'adapters', None)
     if adapters is None:
         yield
         return
-    backbone.adapters = ModuleDict()
+    # AdapterSlots (every slot kind) or a plain ModuleDict of post-block ones
+    backbone.adapters = (adapters.emptied() if hasattr(adapters, 'emptied')
+                         else ModuleDict())
     try:
         yield
     finally:

@@ -1,4 +1,8 @@
 """Backbone adapter slots (run inside the ViT block loop)."""
+from .dense_moc import DenseMoC
+from .detris_adapter import DETRISDenseAligner, DETRISTextAdapter
 from .sera_adapter import SERAAdapter
 
-__all__ = ['SERAAdapter']
+__all__ = [
+    'SERAAdapter', 'DenseMoC', 'DETRISDenseAligner', 'DETRISTextAdapter'
+]

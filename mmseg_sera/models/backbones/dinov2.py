@@ -13,8 +13,11 @@ with ``strict`` key checking::
     blocks.N.norm2 / mlp.fc1 / mlp.fc2 / ls2.gamma
     norm                     final LayerNorm
 
-The block loop is written out in :meth:`DINOv2.forward_features`; adapters run
-between blocks (slot kind ``post_block``). See ``docs/backbone.md``.
+The block loop is written out in :meth:`DINOv2.forward_features`; adapters
+run between blocks (slot kind ``post_block``) or beside the MLP inside the
+second LayerScale (``parallel_mlp``), managed by
+:class:`~mmseg_sera.models.backbones.slots.AdapterSlots`. See
+``docs/backbone.md``.
 """
 import os.path as osp
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -24,13 +27,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 from mmengine.logging import print_log
-from mmengine.model import BaseModule, ModuleDict
+from mmengine.model import BaseModule
 from torch import Tensor
 
 from mmseg.registry import MODELS
 from ..position import sine_position_2d
-from ..structures import (AdapterOutput, BackboneOutput, TextFeatures,
-                          merge_losses)
+from ..structures import BackboneOutput, TextFeatures, merge_losses
+from .slots import AdapterSlots
 
 CONVERTER = 'tools/model_converters/dinov2_to_sera.py'
 
@@ -251,6 +254,14 @@ class DINOv2(BaseModule):
             tokens (slot kind ``post_block``).
         adapter_cfg: config of the adapter, built once per index with
             ``MODELS.build``; ``embed_dims`` defaults to the backbone width.
+        adapters: adapters of any supported slot kind (``post_block``,
+            ``parallel_mlp``), a list of ``dict(type=..., insert=(i, ...),
+            slot=..., scale=..., **kwargs)``; see
+            :class:`~mmseg_sera.models.backbones.slots.AdapterSlots`.
+            A ``parallel_mlp`` adapter A of block i adds ``scale * A(h,
+            hw=(h, w), text=text, num_prefix=P)`` to the MLP output, inside
+            ``ls2`` (h = norm2(z), all tokens). May be combined with
+            ``adapter_indices`` (different blocks for ``post_block``).
         trainable: ``'frozen'`` (no backbone parameter trains), ``'ln_bias'``
             (every LayerNorm weight/bias and every bias term trains) or
             ``'full'``. Adapters always train. Unless ``'full'``, the
@@ -288,6 +299,7 @@ class DINOv2(BaseModule):
     TRAINABLE = ('frozen', 'ln_bias', 'full')
     OUT_NORM = ('last', 'all', 'none')
     POS_EMBED_INIT = ('trunc_normal', 'sincos')
+    SLOT_KINDS = ('post_block', 'parallel_mlp')
 
     def __init__(self,
                  *,
@@ -302,6 +314,7 @@ class DINOv2(BaseModule):
                  out_norm: str = 'last',
                  adapter_indices: Sequence[int] = (),
                  adapter_cfg: Optional[Dict] = None,
+                 adapters: Sequence[Dict] = (),
                  trainable: str = 'frozen',
                  with_cp: bool = False,
                  drop_path_rate: float = 0.,
@@ -403,12 +416,14 @@ class DINOv2(BaseModule):
         self.norm = nn.LayerNorm(C, eps=norm_eps)
         self._random_init()
 
-        # --- adapter slots (post_block) -------------------------------------
-        self.adapters = ModuleDict()
+        # --- adapter slots ------------------------------------------------
+        self.adapters = AdapterSlots(
+            owner='DINOv2', kinds=self.SLOT_KINDS, num_layers=L,
+            embed_dims=C, last_index=max(self.out_indices))
         for i in self.adapter_indices:
-            cfg = dict(adapter_cfg)
-            cfg.setdefault('embed_dims', C)
-            self.adapters[str(i)] = MODELS.build(cfg)
+            self.adapters.add('post_block', i, adapter_cfg,
+                              what='adapter_cfg')
+        self.adapters.build(adapters)
 
         self._apply_trainable()
 
@@ -743,11 +758,12 @@ class DINOv2(BaseModule):
             tokens = torch.cat([tokens[:, :1], regs, tokens[:, 1:]], dim=1)
         return tokens, (h, w)
 
-    def _run_block(self, i: int, tokens: Tensor) -> Tensor:
+    def _run_block(self, i: int, tokens: Tensor,
+                   parallel: Sequence[ParallelBranch] = ()) -> Tensor:
         block = self.blocks[i]
         if self.with_cp and self.training and torch.is_grad_enabled():
-            return cp.checkpoint(block, tokens, use_reentrant=False)
-        return block(tokens)
+            return cp.checkpoint(block, tokens, parallel, use_reentrant=False)
+        return block(tokens, parallel)
 
     def _to_map(self, tokens: Tensor, hw: Tuple[int, int],
                 normed: bool) -> Tensor:
@@ -780,17 +796,18 @@ class DINOv2(BaseModule):
         routing: Dict[int, Tensor] = {}
         losses: List[Dict[str, Tensor]] = []
         for i in range(last + 1):
-            # Slot kinds: 'parallel_mlp' adapters would be passed to the
-            # block as `parallel` branches (see DINOv2Block.mlp_part);
-            # a text 'bridge' would run its text block here, beside block i.
-            tokens = self._run_block(i, tokens)
-            if str(i) in self.adapters:  # slot kind 'post_block'
-                out: AdapterOutput = self.adapters[str(i)](
-                    tokens[:, P:], hw=hw, text=text)
-                tokens = torch.cat([tokens[:, :P], out.tokens], dim=1)
+            # 'parallel_mlp': s * A(norm2 z, ...) beside the MLP, inside ls2
+            parallel = self.adapters.branches(
+                'parallel_mlp', i, hw=hw, text=text, num_prefix=P)
+            tokens = self._run_block(i, tokens, parallel)
+            # 'post_block': the patch tokens after block i
+            tokens, out = self.adapters.run_post_block(
+                i, tokens, num_prefix=P, hw=hw, text=text)
+            if out is not None:
                 if out.routing is not None:
                     routing[i] = out.routing
                 losses.append(out.aux_losses)
+            # (a text 'bridge' would run its text block here, beside block i)
             if i in self.out_indices:
                 normed = self.out_norm == 'all' or (self.out_norm == 'last'
                                                     and i == last)

@@ -20,6 +20,7 @@ from mmengine.model import BaseModule
 from torch import Tensor
 
 from mmseg.registry import MODELS
+from ..backbones.slots import AdapterSlots
 from ..structures import TextFeatures
 
 # Keys of an open_clip ``CLIP`` state dict that belong to the text tower.
@@ -102,8 +103,20 @@ class OpenCLIPTextEncoder(BaseModule):
     independent of positions after i.
 
     The blocks run in an explicit loop (:meth:`forward_tokens`), split into
-    :meth:`embed`, :attr:`blocks` and :meth:`finalize` so that a bridge can
-    run the text blocks in lock-step with image blocks.
+    :meth:`embed`, :meth:`run_block` and :meth:`finalize` so that a bridge
+    can run the text blocks in lock-step with image blocks.
+
+    Adapters (slot kind ``parallel_mlp_text``, e.g. the DETRIS Text Adapter)
+    run beside the MLP of their block j, on the un-normalised stream x after
+    the attention half::
+
+        x = x + ls_1(attn(ln_1 x))
+        x = x + ls_2(mlp(ln_2 x)) + sum_a s_a * A_a(x)
+
+    They are built in ``adapters.parallel_mlp_text.{j}``, always train
+    (``requires_grad``, and they follow ``train()`` even when the tower is
+    frozen) and are not part of a pretrained checkpoint. Blocks without an
+    adapter run open_clip's own block.
 
     Args:
         model_name: name of a bundled open_clip model config (see
@@ -125,8 +138,14 @@ class OpenCLIPTextEncoder(BaseModule):
             biases and every bias train) or ``'full'``.
         max_words_warning: warn (once per sentence) when a sentence is
             truncated to fit L.
+        adapters: text adapters, a list of ``dict(type=..., insert=(j,
+            ...), scale=..., **kwargs)`` (``slot`` defaults to the class's
+            ``slot_kind``; only ``'parallel_mlp_text'`` is supported);
+            ``embed_dims`` defaults to the tower width. See
+            :class:`~mmseg_sera.models.backbones.slots.AdapterSlots`.
         init_cfg: mmengine init config.
     """
+    SLOT_KINDS = ('parallel_mlp_text', )
 
     def __init__(self,
                  *,
@@ -138,12 +157,14 @@ class OpenCLIPTextEncoder(BaseModule):
                  context_length: int = 20,
                  trainable: str = 'frozen',
                  max_words_warning: bool = True,
+                 adapters: Sequence[Dict] = (),
                  init_cfg: Optional[dict] = None) -> None:
         super().__init__(init_cfg=init_cfg)
         # Imported here: open_clip pulls in timm/torchvision, which only the
         # text encoder needs.
         from open_clip import get_model_config
         from open_clip.model import _build_text_tower
+        from open_clip.transformer import ResidualAttentionBlock
 
         if ':' in model_name:
             raise ValueError(
@@ -211,6 +232,16 @@ class OpenCLIPTextEncoder(BaseModule):
         self.trainable = trainable
         self.max_words_warning = max_words_warning
         self._tokenizer = None  # built on first use (reads bundled vocab)
+        self.adapters = AdapterSlots(
+            owner='OpenCLIPTextEncoder', kinds=self.SLOT_KINDS,
+            num_layers=len(self.blocks), embed_dims=self.embed_dims)
+        self.adapters.build(adapters)
+        for j in self.adapters.indices('parallel_mlp_text'):
+            if not isinstance(self.blocks[j], ResidualAttentionBlock):
+                raise ValueError(
+                    'OpenCLIPTextEncoder: text adapters need open_clip\'s '
+                    f'ResidualAttentionBlock; block {j} is a '
+                    f'{type(self.blocks[j]).__name__}')
         self._set_trainable()
 
     # ------------------------------------------------------------------
@@ -228,10 +259,13 @@ class OpenCLIPTextEncoder(BaseModule):
             for name, param in self.named_parameters():
                 if name.endswith('bias'):
                     param.requires_grad_(True)
+        self.adapters.requires_grad_(True)  # adapters always train
 
     def train(self, mode: bool = True) -> 'OpenCLIPTextEncoder':
-        """A frozen tower stays in eval mode."""
+        """A frozen tower stays in eval mode; adapters follow ``mode``."""
         super().train(mode and self.trainable != 'frozen')
+        if len(self.adapters):  # (an empty slot set has no mode to follow)
+            self.adapters.train(mode)
         return self
 
     # ------------------------------------------------------------------
@@ -279,7 +313,11 @@ class OpenCLIPTextEncoder(BaseModule):
             raise ValueError(f'OpenCLIPTextEncoder: {path!r} holds a '
                              f'{type(raw).__name__}, not a state dict')
         state = extract_text_state_dict(raw)
-        own = self.state_dict()
+        own = {  # adapters are not part of a CLIP checkpoint
+            k: v
+            for k, v in self.state_dict().items()
+            if not k.startswith('adapters.')
+        }
         missing = sorted(set(own) - set(state))
         if missing:
             raise ValueError(
@@ -302,7 +340,8 @@ class OpenCLIPTextEncoder(BaseModule):
                     f'checkpoint {path!r}: {key} has shape '
                     f'{tuple(value.shape)}, the tower expects '
                     f'{tuple(own[key].shape)}')
-        self.load_state_dict(state, strict=True)
+        missing, _ = self.load_state_dict(state, strict=False)
+        assert all(k.startswith('adapters.') for k in missing), missing
         print_log(
             'OpenCLIPTextEncoder: '
             f'loaded {len(state)} text-tower tensors from '
@@ -394,12 +433,25 @@ class OpenCLIPTextEncoder(BaseModule):
             pooled = eot @ self.text_projection
         return TextFeatures(tokens=tokens, mask=ids == 0, pooled=pooled)
 
+    def run_block(self, j: int, x: Tensor, attn_mask: Tensor) -> Tensor:
+        """Text block j on B x L x Ct, with its ``parallel_mlp_text``
+        adapters (see the class docstring); open_clip's own block when it
+        has none. ``attn_mask``: the L x L causal mask."""
+        block = self.blocks[j]
+        parallel = self.adapters.branches('parallel_mlp_text', j)
+        if not parallel:
+            return block(x, attn_mask=attn_mask)
+        x = x + block.ls_1(
+            block.attention(q_x=block.ln_1(x), attn_mask=attn_mask))
+        return x + block.ls_2(block.mlp(block.ln_2(x))) + sum(
+            branch(x) for branch in parallel)
+
     def forward_tokens(self, ids: Tensor) -> TextFeatures:
         """Token ids B x L (on the module's device) -> TextFeatures."""
         x = self.embed(ids)
         attn_mask = self.attn_mask.to(x.dtype)
-        for block in self.blocks:
-            x = block(x, attn_mask=attn_mask)
+        for j in range(len(self.blocks)):
+            x = self.run_block(j, x, attn_mask)
         return self.finalize(x, ids)
 
     def forward(self, texts: Union[str, Sequence[str]]) -> TextFeatures:
