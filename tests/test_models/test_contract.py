@@ -265,6 +265,46 @@ ADAPTER_CASES = [
 
 
 # --------------------------------------------------------------------------
+# DETRIS parts (parallel adapters return a tensor of the input's shape)
+# --------------------------------------------------------------------------
+def _check_shape(shape):
+
+    def check(m, out):
+        assert isinstance(out, Tensor) and out.shape == shape
+
+    return check
+
+
+DETRIS_DA = dict(type='DETRISDenseAligner', embed_dims=24, hidden_dims=16,
+                 attn_dims=8, num_heads=2, text_dims=16)
+DA_H = _maps(2, 2 + 12, 24)  # P = 2 prefix tokens, 3 x 4 patches
+DENSE_MOC_CASES = [
+    Case('2d', dict(type='DenseMoC', dims=16), _run_on(_maps(2, 16, 3, 4)),
+         _check_shape((2, 16, 3, 4))),
+    Case('1d', dict(type='DenseMoC', dims=16, ndim=1, inner_residual=False),
+         _run_on(_maps(2, 16, 7)), _check_shape((2, 16, 7))),
+]
+DENSE_ALIGNER_CASES = [
+    Case('tokens', DETRIS_DA,
+         lambda m: m(DA_H, hw=(3, 4), text=_text(dims=16), num_prefix=2),
+         _check_shape(DA_H.shape)),
+    Case('masked-residual', dict(DETRIS_DA, key_padding=True,
+                                 cross_residual=True),
+         lambda m: m(DA_H, hw=(3, 4), text=_text(dims=16), num_prefix=2),
+         _check_shape(DA_H.shape)),
+    Case('pooled', dict(DETRIS_DA, text_source='pooled', text_dims=12),
+         lambda m: m(DA_H, hw=(3, 4), text=_text(dims=16, pooled_dims=12),
+                     num_prefix=2),
+         _check_shape(DA_H.shape)),
+]
+TEXT_ADAPTER_CASES = [
+    Case('default',
+         dict(type='DETRISTextAdapter', embed_dims=24, hidden_dims=16),
+         _run_on(_maps(2, 6, 24)), _check_shape((2, 6, 24))),
+]
+
+
+# --------------------------------------------------------------------------
 # SERA-Fusion
 # --------------------------------------------------------------------------
 def _fusion_cfg(**kw):
@@ -384,6 +424,12 @@ DINOV2_CASES = [
                      adapter_cfg=DINO_ADAPTER),
          lambda m: m(DINO_X, text=_text(dims=16)), _check_dinov2(2),
          trainable=lambda m: _names_under(m, 'adapters.')),
+    Case('frozen-parallel-mlp',
+         _dinov2_cfg(trainable='frozen', adapters=[
+             dict(DETRIS_DA, insert=(0, 2), scale=0.2, embed_dims=24)
+         ]),
+         lambda m: m(DINO_X, text=_text(dims=16)), _check_dinov2(2),
+         trainable=lambda m: _names_under(m, 'adapters.')),
 ]
 
 
@@ -413,7 +459,11 @@ def _check_clip(m, out):
     if m.trainable == 'frozen':
         m.train()
         assert not m.training  # a frozen tower stays in eval mode
-        assert not any(t.requires_grad for t in _float_tensors(out))
+        if len(m.adapters):  # ... but its adapters train
+            assert all(a.training for a in m.adapters.modules())
+            assert out.tokens.requires_grad and out.pooled.requires_grad
+        else:
+            assert not any(t.requires_grad for t in _float_tensors(out))
 
 
 CLIP_CASES = [
@@ -422,6 +472,15 @@ CLIP_CASES = [
          _check_clip, trainable=_ln_bias_names),
     Case('frozen', _clip_cfg('frozen'), lambda m: m(SENTENCES), _check_clip,
          trainable=lambda m: set()),
+    # A frozen tower with text adapters: only they train (and the outputs
+    # carry their graph).
+    Case('frozen-text-adapter',
+         dict(_clip_cfg('frozen'), adapters=[
+             dict(type='DETRISTextAdapter', insert=(0, ), scale=0.2,
+                  hidden_dims=16)
+         ]),
+         lambda m: m(SENTENCES), _check_clip,
+         trainable=lambda m: _names_under(m, 'adapters.')),
 ]
 
 
@@ -516,15 +575,80 @@ SEGMENTOR_CASES = [
 ]
 
 # --------------------------------------------------------------------------
+# --------------------------------------------------------------------------
+# CRIS-lineage parts (ETRIS / DETRIS)
+# --------------------------------------------------------------------------
+def _cris_neck_cfg(**kw):
+    cfg = dict(type='HierarchicalAlignNeck', in_channels=[16, 16, 12],
+               channels=8, text_dims=10, num_heads=2)
+    cfg.update(kw)
+    return cfg
+
+
+def _run_cris_neck(m):
+    feats = (_maps(2, 16, 3, 5), _maps(2, 16, 3, 5, seed=1),
+             _maps(2, 12, 3, 5, seed=2))
+    return m(feats, _text(L=6, dims=12, pooled_dims=10))
+
+
+def _check_cris_neck(m, out):
+    assert isinstance(out, NeckOutput) and len(out.feats) == 1
+    assert out.feats[0].shape == (2, 8, 3, 5)
+    assert not out.aux_losses and not out.routing
+
+
+def _check_cris_map(shape):
+
+    def check(m, out):
+        assert isinstance(out, Tensor) and out.shape == shape
+
+    return check
+
+
+CRIS_NECK_CASES = [
+    Case('mha-etris', _cris_neck_cfg(), _run_cris_neck, _check_cris_neck),
+    Case('linear-detris', _cris_neck_cfg(gate='linear', coord_residual=True),
+         _run_cris_neck, _check_cris_neck),
+]
+CRIS_DECODER_CASES = [
+    Case('small',
+         dict(type='VLGlobalAlignDecoder', num_layers=2, dims=16,
+              text_dims=12, num_heads=2, ffn_dims=16),
+         lambda m: m(_maps(2, 16, 3, 5), _text(L=6, dims=12)),
+         _check_cris_map((2, 16, 3, 5))),
+]
+CRIS_PROJECTOR_CASES = [
+    Case('small',
+         dict(type='TextDynamicConvProjector', in_channels=16,
+              up_channels=[8, 8], channels=8, text_dims=10),
+         lambda m: m(_maps(2, 16, 3, 5), _text(pooled_dims=10).pooled),
+         _check_cris_map((2, 1, 12, 20))),
+]
+CRIS_HEAD_CASES = [
+    Case('small',
+         dict(type='CRISHead', in_channels=16, channels=8, text_dims=12,
+              pooled_dims=10, num_decoder_layers=1, decoder_heads=2,
+              decoder_ffn_channels=16, up_channels=[8, 8]),
+         _run_head, _check_cris_map((2, 1, 16, 20))),
+]
+
+
 CASES: Dict[str, List[Case]] = {
     'NoisyTopKRouter': ROUTER_CASES,
     'SoftRouter': SOFT_ROUTER_CASES,
     **EXPERT_CASES,
     'SERAAdapter': ADAPTER_CASES,
+    'DenseMoC': DENSE_MOC_CASES,
+    'DETRISDenseAligner': DENSE_ALIGNER_CASES,
+    'DETRISTextAdapter': TEXT_ADAPTER_CASES,
     'SERAFusion': FUSION_CASES,
     'DINOv2': DINOV2_CASES,
     'OpenCLIPTextEncoder': CLIP_CASES,
     'ReferHead': HEAD_CASES,
+    'HierarchicalAlignNeck': CRIS_NECK_CASES,
+    'VLGlobalAlignDecoder': CRIS_DECODER_CASES,
+    'TextDynamicConvProjector': CRIS_PROJECTOR_CASES,
+    'CRISHead': CRIS_HEAD_CASES,
     'ReferringEncoderDecoder': SEGMENTOR_CASES,
 }
 

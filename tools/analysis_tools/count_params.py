@@ -9,7 +9,8 @@ parameters and how many of them have ``requires_grad``:
 
     backbone       the backbone's own parameters (``backbone.adapters``
                    excluded)
-    adapters       ``backbone.adapters`` (SERA-Adapter and peers)
+    adapters       ``backbone.adapters`` and ``text_encoder.adapters``
+                   (SERA-Adapter and the peers' adapters)
     text_encoder   the sentence encoder
     neck           the neck (SERA-Fusion)
     head           ``decode_head`` (and ``auxiliary_head`` if any)
@@ -30,7 +31,7 @@ from mmengine.config import DictAction
 # (part, parameter-name prefixes), checked in this order
 PARTS = (
     ('backbone', None),  # filled in by _part_of: backbone.* not adapters
-    ('adapters', ('backbone.adapters.', )),
+    ('adapters', ('backbone.adapters.', 'text_encoder.adapters.')),
     ('text_encoder', ('text_encoder.', )),
     ('neck', ('neck.', )),
     ('head', ('decode_head.', 'auxiliary_head.')),
@@ -41,7 +42,7 @@ PART_NAMES = tuple(name for name, _ in PARTS)
 
 def _part_of(name: str) -> str:
     """Part of a parameter named as in ``model.named_parameters()``."""
-    if name.startswith('backbone.adapters.'):
+    if name.startswith(('backbone.adapters.', 'text_encoder.adapters.')):
         return 'adapters'
     if name.startswith('backbone.'):
         return 'backbone'
