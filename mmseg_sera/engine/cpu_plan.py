@@ -8,8 +8,9 @@ want every core stall each other (a training step measured 10x slower).
 when the run starts:
 
 * ``cores``: the CPUs this process may run on (``os.sched_getaffinity``);
-* ``busy``: cores kept busy by other processes, measured over
-  ``probe_seconds`` from ``/proc/stat`` (0 where it cannot be read);
+* ``busy``: cores kept busy by other processes at normal priority (niced
+  ones yield to us), measured over ``probe_seconds`` from ``/proc/stat``
+  (0 where it cannot be read);
 * each of the ``world_size`` ranks on the machine gets ``per_rank =
   max(1, max(1, round(cores - busy)) // world_size)`` intra-op threads and
   at most ``per_rank - 1`` dataloader workers (none with one core), never
@@ -55,18 +56,22 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def _cpu_times() -> Optional[Tuple[int, int]]:
-    """(busy, total) jiffies of all CPUs from ``/proc/stat``."""
+def _cpu_times(path: str = '/proc/stat') -> Optional[Tuple[int, int]]:
+    """(busy, total) jiffies of all CPUs from ``/proc/stat``; busy leaves
+    out idle, iowait and niced time (a niced process yields its core to
+    ours, so it does not take a core away from a run)."""
     try:
-        with open('/proc/stat') as f:
+        with open(path) as f:
             fields = f.readline().split()
     except OSError:
         return None
     if not fields or fields[0] != 'cpu':
         return None
-    values = [int(v) for v in fields[1:]]
-    idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
-    return sum(values) - idle, sum(values)
+    # user nice system idle iowait irq softirq steal [guest guest_nice]:
+    # guest time is already counted in user / nice.
+    values = [int(v) for v in fields[1:9]]
+    not_busy = values[1] + values[3] + (values[4] if len(values) > 4 else 0)
+    return sum(values) - not_busy, sum(values)
 
 
 def busy_cores(seconds: float = 0.5) -> float:

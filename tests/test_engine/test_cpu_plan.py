@@ -105,3 +105,13 @@ def test_busy_cores_sees_a_busy_process():
         spin.kill()
     assert 0.0 <= idle <= cpu_plan.os.cpu_count()
     assert busy >= 0.7, (idle, busy)
+
+
+def test_cpu_times_leave_out_idle_and_niced_time(tmp_path):
+    stat = tmp_path / 'stat'
+    # user nice system idle iowait irq softirq steal guest guest_nice
+    stat.write_text('cpu  100 50 20 1000 10 3 2 1 40 5\ncpu0 1 2 3 4\n')
+    assert cpu_plan._cpu_times(str(stat)) == (126, 1186)
+    stat.write_text('intr 1 2 3\n')
+    assert cpu_plan._cpu_times(str(stat)) is None
+    assert cpu_plan._cpu_times(str(tmp_path / 'missing')) is None
