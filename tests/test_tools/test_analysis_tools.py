@@ -11,8 +11,9 @@ from ..conftest import REPO, TINY_CONFIG
 
 PAPER = osp.join(REPO, 'configs', 'sera',
                  'sera_dinov2-b14-reg4_clip-b16_1xb16-50e_refcoco-448x448.py')
+# one timed run per phase (--max-time ends adaptive_autorange after it)
 FAST = ['--img-size', '112', '--batch-size', '2', '--repeats', '1',
-        '--warmup', '0', '--threads', '1']
+        '--warmup', '0', '--threads', '1', '--max-time', '0.001']
 
 
 def _load(name: str):
@@ -113,121 +114,7 @@ def test_paper_config_parameter_budget(cp):
 
 
 # --------------------------------------------------------------------------
-# benchmark: helpers
-# --------------------------------------------------------------------------
-def test_time_phase_remeasures_disturbed_runs(bm, monkeypatch):
-    clock = [0.]
-    # attempt 1: 1 s and 3 s (spread 3); attempt 2: 2 s and 2.2 s
-    durations = iter([1., 3., 2., 2.2])
-
-    def fn():
-        clock[0] += next(durations)
-
-    monkeypatch.setattr(bm.time, 'perf_counter', lambda: clock[0])
-    r = bm.time_phase(fn, torch.device('cpu'), repeats=2, warmup=0,
-                      max_spread=1.5, max_attempts=3)
-    assert r['disturbed'] and r['attempts'] == 2
-    assert r['times_s'] == pytest.approx([2., 2.2])
-    assert r['median_s'] == pytest.approx(2.1)
-    assert r['attempt_medians_s'] == pytest.approx([2., 2.1])
-    assert len(r['loadavg_before']) == 3
-    with pytest.raises(ValueError, match='repeats'):
-        bm.time_phase(fn, torch.device('cpu'), repeats=0, warmup=0)
-
-
-def test_interleaved_phases_run_round_robin(bm, monkeypatch):
-    clock, calls = [0.], []
-    b_durations = iter([9., 2., 5., 2., 2.2])  # warmup, attempt 1, 2
-
-    def make(name):
-        def fn():
-            calls.append(name)
-            clock[0] += 1. if name == 'a' else next(b_durations)
-        return fn
-
-    monkeypatch.setattr(bm.time, 'perf_counter', lambda: clock[0])
-    r = bm.time_phases_interleaved(
-        dict(a=make('a'), b=make('b')), ('a', 'b'), torch.device('cpu'),
-        repeats=2, warmup=1, max_spread=1.5, max_attempts=3)
-    assert calls == ['a', 'b'] * 5
-    assert r['b']['times_s'] == pytest.approx([2., 2.2])
-    assert r['b']['attempt_medians_s'] == pytest.approx([3.5, 2.1])
-    assert r['a']['times_s'] == [1., 1.] and r['a']['disturbed']
-    assert r['a']['peak_mem_mb'] > 0
-
-
-def test_bypass_freeze_and_loss_sum(bm, tiny_model):
-    backbone = tiny_model.backbone.eval()
-    calls = []
-    handles = [a.register_forward_hook(lambda *_: calls.append(1))
-               for a in backbone.adapters.values()]
-    x = torch.randn(1, 3, 56, 56)
-    adapters = backbone.adapters
-    try:
-        with bm.adapters_bypassed(backbone), torch.no_grad():
-            feats = bm.backbone_features(backbone, x)
-        assert calls == [] and backbone.adapters is adapters
-        with torch.no_grad():
-            bm.backbone_features(backbone, x)
-        assert len(calls) == len(adapters) == 2
-    finally:
-        for h in handles:
-            h.remove()
-    assert [f.shape for f in feats] == [(1, 96, 4, 4)] * 3
-
-    flags = [p.requires_grad for p in backbone.parameters()]
-    with bm.params_frozen(backbone):
-        assert not any(p.requires_grad for p in backbone.parameters())
-    assert [p.requires_grad for p in backbone.parameters()] == flags
-
-    one = torch.tensor(1.)
-    total = bm.total_loss(dict(loss_a=one, loss_b=[one, 2 * one], acc=one))
-    assert total.item() == 4.
-    with pytest.raises(ValueError, match='no loss'):
-        bm.total_loss(dict(acc=one))
-
-
-def test_explicit_attention_switch(bm, tiny_model, monkeypatch):
-    backbone = tiny_model.backbone.eval()
-    attns = [blk.attn for blk in backbone.blocks]
-    x = torch.randn(1, 3, 56, 56)
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-    calls = []
-    monkeypatch.setattr(torch.nn.functional, 'scaled_dot_product_attention',
-                        lambda *a, **k: calls.append(1) or sdpa(*a, **k))
-    with torch.no_grad():
-        fused = bm.backbone_features(backbone, x)
-        assert len(calls) == len(attns)
-        with bm.explicit_attention(backbone):
-            assert not any(a.fused for a in attns)
-            explicit = bm.backbone_features(backbone, x)
-    assert len(calls) == len(attns)  # no SDPA call inside the block
-    assert all(a.fused for a in attns)  # restored
-    for f, e in zip(fused, explicit):
-        torch.testing.assert_close(f, e, rtol=1e-4, atol=1e-5)
-    with pytest.raises(ValueError, match='no attention module'):
-        with bm.explicit_attention(torch.nn.Linear(2, 2)):
-            pass
-
-
-def test_batch_is_fixed_and_preprocessed(bm, tiny_model):
-    a, b = bm.make_batch(3, 112, seed=1), bm.make_batch(3, 112, seed=1)
-    assert all(torch.equal(x, y) for x, y in zip(a['inputs'], b['inputs']))
-    assert [s.metainfo['text'] for s in a['data_samples']] == list(
-        bm.SENTENCES[:3])
-    assert set(a['data_samples'][0].gt_sem_seg.data.unique().tolist()) == {
-        0, 1}
-    data = bm.preprocess(tiny_model, a, training=True)
-    assert data['inputs'].shape == (3, 3, 112, 112)
-    assert data['inputs'].dtype == torch.float32
-    # the raw batch is not modified
-    assert a['inputs'][0].dtype == torch.uint8
-    with pytest.raises(ValueError, match='positive'):
-        bm.make_batch(0, 112)
-
-
-# --------------------------------------------------------------------------
-# benchmark: end to end
+# benchmark (the library's own tests: tests/test_apis/test_benchmark.py)
 # --------------------------------------------------------------------------
 def test_benchmark_single_config_json(bm, tmp_path, capsys):
     out = tmp_path / 'bench.json'
@@ -239,15 +126,22 @@ def test_benchmark_single_config_json(bm, tmp_path, capsys):
         saved = json.load(f)
     run, = saved['results']
     assert saved['env']['threads'] == 1
-    assert set(run['phases']) == set(bm.PHASES)
+    assert set(run['phases']) == set(bm.bench.PHASES)
     ref = run['phases']['frozen_forward']['median_s']
     assert run['phases']['frozen_forward']['ratio'] == 1.0
     for name, r in run['phases'].items():
-        assert r['median_s'] > 0 and len(r['times_s']) == 1
+        assert r['median_s'] > 0 and r['runs'] == len(r['times_s']) >= 1
         assert r['ratio'] == pytest.approx(r['median_s'] / ref)
-        assert r['peak_mem_mb'] > 0
+        # the median and IQR of the reported times
+        times = torch.tensor(r['times_s'], dtype=torch.float64)
+        assert r['median_s'] == pytest.approx(times.quantile(.5).item())
+        assert r['iqr_s'] == pytest.approx(
+            (times.quantile(.75) - times.quantile(.25)).item())
+        assert r['peak_mem_mb'] > 0 and r['mem_increase_mb'] >= 0
         assert len(r['loadavg_before']) == len(r['loadavg_after']) == 3
     assert run['params']['trainable'] == run['params']['total'] > 0
+    assert saved['process_peak_rss_mb'] >= max(
+        r['peak_mem_mb'] for r in run['phases'].values())
     parts = run['breakdown']
     assert parts['step'] > 0 and parts['forward'] > 0 and parts[
         'backward'] > 0
@@ -256,7 +150,6 @@ def test_benchmark_single_config_json(bm, tmp_path, capsys):
         parts['forward'])
     assert parts['fwd_adapters'] > 0 and parts['bwd_adapters'] > 0
     assert parts['bwd_head'] > 0 and parts['bwd_neck'] > 0
-    # the engine meets the parts in the order the timeline assumes
     assert all(parts[k] >= 0 for k in parts if k.startswith('bwd_'))
     bwd = sum(parts[k] for k in parts if k.startswith('bwd_'))
     assert bwd == pytest.approx(parts['backward'])
@@ -265,9 +158,11 @@ def test_benchmark_single_config_json(bm, tmp_path, capsys):
     assert sum(v for k, v in inf.items() if k != 'inference') == \
         pytest.approx(inf['inference'])
     assert len(run['profile']) == 3
+    assert {'op', 'calls', 'self_cpu_s', 'share'} <= set(run['profile'][0])
     assert report['results'][0]['label'] == run['label']
     printed = capsys.readouterr().out
     assert '(a) frozen backbone forward' in printed
+    assert 'median time per phase' in printed  # the Compare table
     assert 'training step breakdown' in printed
     assert 'inference breakdown' in printed
 
@@ -276,23 +171,28 @@ def test_benchmark_two_configs(bm, tmp_path, capsys):
     no_adapter = tmp_path / 'tiny_no_adapter.py'
     no_adapter.write_text(f'_base_ = [{TINY_CONFIG!r}]\n'
                           'model = dict(backbone=dict(adapter_indices=()))\n')
-    report = bm.main([TINY_CONFIG, str(no_adapter), *FAST, '--interleave'])
+    report = bm.main([TINY_CONFIG, str(no_adapter), *FAST, '--interleave',
+                      '--repeats', '2', '--max-spread', '1.5',
+                      '--max-attempts', '3'])  # old flags: accepted
     a, b = report['results']
     assert b['label'] == 'tiny_no_adapter'
     assert b['params']['total'] < a['params']['total']
-    for name in bm.PHASES:
+    for name in bm.bench.PHASES:
         assert report['b_over_a'][name] == pytest.approx(
             b['phases'][name]['median_s'] / a['phases'][name]['median_s'])
+        assert len(a['phases'][name]['times_s']) >= 2  # rounds
     assert a['phases']['frozen_forward']['ratio'] == b['phases'][
         'frozen_forward']['ratio'] == 1.0
-    assert 'B / A' in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert 'B / A' in printed
+    assert 'A: ' + a['label'] in printed and 'B: tiny_no_adapter' in printed
 
 
 def test_benchmark_explicit_attention_reference(bm, capsys):
     report = bm.main([TINY_CONFIG, *FAST, '--interleave',
                       '--explicit-attn-ref'])
     phases = report['results'][0]['phases']
-    assert list(phases) == list(bm.PHASES + bm.REF_PHASES)
+    assert list(phases) == list(bm.bench.PHASES + bm.bench.REF_PHASES)
     ref = phases['frozen_forward_explicit']['median_s']
     for r in phases.values():
         assert r['ratio_explicit'] == pytest.approx(r['median_s'] / ref)
@@ -317,6 +217,8 @@ def test_benchmark_cfg_options2_changes_the_second_model_only(bm):
 def test_benchmark_bad_arguments(bm, tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match='missing.py'):
         bm.main([str(tmp_path / 'missing.py'), *FAST])
+    with pytest.raises(ValueError, match='max_time'):
+        bm.main([TINY_CONFIG, *FAST, '--max-time', '0'])
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
     with pytest.raises(ValueError, match='CUDA'):
         bm.main([TINY_CONFIG, *FAST, '--device', 'cuda'])
