@@ -44,16 +44,20 @@ class AdapterOutput:
 
 @dataclass
 class BackboneOutput:
-    """Return value of ``DINOv2.forward_features``.
+    """Return value of ``DINOv2.forward_features`` (and ``CLIPViT``'s).
 
     Attributes:
         feats: the ``out_indices`` levels as B x C x h x w maps.
         routing: block index -> B x E routing weights of its adapter.
         aux_losses: summed ``loss_*`` terms of all adapters.
+        text: with a lock-step text stream (``bridge`` slot, ETRIS): the
+            final features of the bridge-modified text stream, which the
+            neck and head must use; None otherwise.
     """
     feats: Tuple[Tensor, ...]
     routing: Dict[int, Tensor] = field(default_factory=dict)
     aux_losses: Dict[str, Tensor] = field(default_factory=dict)
+    text: Optional[TextFeatures] = None
 
 
 @dataclass

@@ -30,8 +30,8 @@ from torch import Tensor
 
 import mmseg_sera  # noqa: F401  (registers the components)
 from mmseg_sera.models.moe.router import RouterOutput
-from mmseg_sera.models.structures import (AdapterOutput, NeckOutput,
-                                          TextFeatures)
+from mmseg_sera.models.structures import (AdapterOutput, BackboneOutput,
+                                          NeckOutput, TextFeatures)
 
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 TINY_CONFIG = osp.join(
@@ -430,6 +430,120 @@ DINOV2_CASES = [
          ]),
          lambda m: m(DINO_X, text=_text(dims=16)), _check_dinov2(2),
          trainable=lambda m: _names_under(m, 'adapters.')),
+    # ETRIS bridge: a lock-step text stream (tiny frozen tower, built by
+    # the run) beside the blocks; the final text comes back with the maps
+    Case('frozen-bridge',
+         _dinov2_cfg(trainable='frozen', adapters=[
+             dict(type='ETRISBridger', insert=(0, 2), text_dims=16,
+                  hidden_dims=8, num_heads=2)
+         ]),
+         lambda m: m.forward_features(DINO_X,
+                                      text_stream=_stream(_clip_cfg(
+                                          'frozen'))),
+         lambda m, out: _check_bridged(out, [(2, 24, 3, 4)] * 2),
+         trainable=lambda m: _names_under(m, 'adapters.')),
+]
+
+
+def _stream(text_cfg: dict):
+    """A lock-step text stream of a fresh tiny text tower."""
+    with DefaultScope.overwrite_default_scope('mmseg'):
+        enc = MODELS.build(dict(text_cfg))
+    return enc.begin(SENTENCES)
+
+
+def _check_bridged(out, shapes):
+    """``BackboneOutput`` of a bridged backbone: maps and the final text
+    of the bridge-modified stream (carrying the bridge's graph)."""
+    assert isinstance(out, BackboneOutput)
+    assert [tuple(f.shape) for f in out.feats] == shapes
+    assert isinstance(out.text, TextFeatures)
+    assert out.text.tokens.shape == (2, 10, 16)
+    assert out.text.pooled.shape == (2, 8)
+    assert out.text.tokens.requires_grad
+
+
+# --------------------------------------------------------------------------
+# CLIP ViT backbone (open_clip visual tower)
+# --------------------------------------------------------------------------
+def _clip_vit_cfg(**kw):
+    cfg = dict(type='CLIPViT', model_name='ViT-B-16',
+               vision_cfg=dict(width=24, layers=3, head_width=12,
+                               patch_size=16, image_size=64),
+               embed_dim=8, out_indices=(1, 2), trainable='full')
+    cfg.update(kw)
+    return cfg
+
+
+CLIP_VIT_X = _maps(2, 3, 48, 80)  # non-square 3 x 5 grid (table: 4 x 4)
+
+
+def _check_clip_vit(shapes):
+
+    def check(m, out):
+        assert isinstance(out, tuple)
+        assert [tuple(f.shape) for f in out] == shapes
+        if m.trainable != 'full':
+            m.train()
+            assert not m.transformer.training and not m.conv1.training
+            assert all(a.training for a in m.adapters.modules())
+
+    return check
+
+
+CLIP_VIT_CASES = [
+    # without out_proj the joint-space projection is not used
+    Case('full', _clip_vit_cfg(), lambda m: m(CLIP_VIT_X),
+         _check_clip_vit([(2, 24, 3, 5)] * 2),
+         no_grad=lambda m, out: {'proj'}),
+    # ETRIS levels: un-normed, then ln_post(.) @ proj (8-d)
+    Case('ln_bias-proj', _clip_vit_cfg(trainable='ln_bias', out_proj=True),
+         lambda m: m(CLIP_VIT_X),
+         _check_clip_vit([(2, 24, 3, 5), (2, 8, 3, 5)]),
+         trainable=_ln_bias_names),
+    Case('frozen-parallel-mlp',
+         _clip_vit_cfg(trainable='frozen', adapters=[
+             dict(DETRIS_DA, insert=(0, 2), scale=0.2, embed_dims=24)
+         ]),
+         lambda m: m(CLIP_VIT_X, text=_text(dims=16)),
+         _check_clip_vit([(2, 24, 3, 5)] * 2),
+         trainable=lambda m: _names_under(m, 'adapters.')),
+    # ETRIS: frozen tower, trained position table, bridge after 0 and 2
+    Case('frozen-pos-bridge',
+         _clip_vit_cfg(trainable='frozen', train_pos_embed=True,
+                       out_proj=True, adapters=[
+                           dict(type='ETRISBridger', insert=(0, 2),
+                                text_dims=16, hidden_dims=8, num_heads=2)
+                       ]),
+         lambda m: m.forward_features(CLIP_VIT_X,
+                                      text_stream=_stream(_clip_cfg(
+                                          'frozen'))),
+         lambda m, out: _check_bridged(out, [(2, 24, 3, 5), (2, 8, 3, 5)]),
+         trainable=lambda m: {'positional_embedding'}
+         | _names_under(m, 'adapters.')),
+]
+
+
+def _run_bridger(m):
+    """All three stages, chained (stage s reads stage s - 1's carry)."""
+    x, t = _maps(2, 15, 24), _maps(2, 6, 16, seed=1)
+    carry = None
+    for s in range(3):
+        x, t, carry = m(s, x, t, hw=(3, 5), carry=carry)
+    return x, t
+
+
+def _check_bridger(m, out):
+    assert out[0].shape == (2, 15, 24) and out[1].shape == (2, 6, 16)
+
+
+BRIDGER_CFG = dict(type='ETRISBridger', embed_dims=24, insert=(1, 2, 3),
+                   text_dims=16, hidden_dims=8, num_heads=2)
+BRIDGER_CASES = [
+    Case('etris', BRIDGER_CFG, _run_bridger, _check_bridger),
+    Case('zero-init-key-padding',
+         dict(BRIDGER_CFG, zero_init_out=True, key_padding=True),
+         lambda m: _run_bridger(m), _check_bridger),
 ]
 
 
@@ -462,6 +576,8 @@ def _check_clip(m, out):
         if len(m.adapters):  # ... but its adapters train
             assert all(a.training for a in m.adapters.modules())
             assert out.tokens.requires_grad and out.pooled.requires_grad
+        elif m.train_pos_embed:  # ... or its position table (ETRIS)
+            assert out.tokens.requires_grad and out.pooled.requires_grad
         else:
             assert not any(t.requires_grad for t in _float_tensors(out))
 
@@ -481,6 +597,11 @@ CLIP_CASES = [
          ]),
          lambda m: m(SENTENCES), _check_clip,
          trainable=lambda m: _names_under(m, 'adapters.')),
+    # ETRIS: a frozen tower whose position table trains
+    Case('frozen-pos-embed',
+         dict(_clip_cfg('frozen'), train_pos_embed=True),
+         lambda m: m(SENTENCES), _check_clip,
+         trainable=lambda m: {'positional_embedding'}),
 ]
 
 
@@ -643,6 +764,8 @@ CASES: Dict[str, List[Case]] = {
     'DETRISTextAdapter': TEXT_ADAPTER_CASES,
     'SERAFusion': FUSION_CASES,
     'DINOv2': DINOV2_CASES,
+    'CLIPViT': CLIP_VIT_CASES,
+    'ETRISBridger': BRIDGER_CASES,
     'OpenCLIPTextEncoder': CLIP_CASES,
     'ReferHead': HEAD_CASES,
     'HierarchicalAlignNeck': CRIS_NECK_CASES,

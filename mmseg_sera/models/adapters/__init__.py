@@ -1,8 +1,10 @@
 """Backbone adapter slots (run inside the ViT block loop)."""
 from .dense_moc import DenseMoC
 from .detris_adapter import DETRISDenseAligner, DETRISTextAdapter
+from .etris_bridger import ETRISBridger
 from .sera_adapter import SERAAdapter
 
 __all__ = [
-    'SERAAdapter', 'DenseMoC', 'DETRISDenseAligner', 'DETRISTextAdapter'
+    'SERAAdapter', 'DenseMoC', 'DETRISDenseAligner', 'DETRISTextAdapter',
+    'ETRISBridger'
 ]

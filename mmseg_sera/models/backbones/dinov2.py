@@ -299,7 +299,7 @@ class DINOv2(BaseModule):
     TRAINABLE = ('frozen', 'ln_bias', 'full')
     OUT_NORM = ('last', 'all', 'none')
     POS_EMBED_INIT = ('trunc_normal', 'sincos')
-    SLOT_KINDS = ('post_block', 'parallel_mlp')
+    SLOT_KINDS = ('post_block', 'parallel_mlp', 'bridge')
 
     def __init__(self,
                  *,
@@ -776,21 +776,26 @@ class DINOv2(BaseModule):
 
     def forward_features(self,
                          x: Tensor,
-                         text: Optional[TextFeatures] = None
-                         ) -> BackboneOutput:
+                         text: Optional[TextFeatures] = None,
+                         text_stream=None) -> BackboneOutput:
         """Run the blocks with the adapter slots.
 
         Args:
             x: B x 3 x H x W images (padded to multiples of 14 if needed).
             text: the sentence features, handed to every adapter.
+            text_stream: a text stream from the text encoder's ``begin()``
+                (needed by a ``bridge``, e.g. ``ETRISBridger``); its blocks
+                run beside these (``slots.LockstepRun``).
 
         Returns:
-            ``BackboneOutput(feats, routing, aux_losses)``: the
+            ``BackboneOutput(feats, routing, aux_losses, text)``: the
             ``out_indices`` levels as B x C x h x w maps (h = ceil(H / 14)),
-            block index -> adapter routing weights, summed adapter losses.
+            block index -> adapter routing weights, summed adapter losses,
+            and with a text stream the final text features.
         """
         tokens, hw = self.prepare_tokens(x)
         P = self.num_prefix_tokens
+        run = self.adapters.start_lockstep(text_stream, num_prefix=P, hw=hw)
         last = self.out_indices[-1]
         feats: List[Tensor] = []
         routing: Dict[int, Tensor] = {}
@@ -807,14 +812,16 @@ class DINOv2(BaseModule):
                 if out.routing is not None:
                     routing[i] = out.routing
                 losses.append(out.aux_losses)
-            # (a text 'bridge' would run its text block here, beside block i)
+            if run is not None:  # text blocks beside i, then the bridge
+                tokens = run.after_block(i, tokens)
             if i in self.out_indices:
                 normed = self.out_norm == 'all' or (self.out_norm == 'last'
                                                     and i == last)
                 feats.append(self._to_map(tokens, hw, normed))
         return BackboneOutput(
             feats=tuple(feats), routing=routing,
-            aux_losses=merge_losses(*losses))
+            aux_losses=merge_losses(*losses),
+            text=None if run is None else run.finish())
 
     def forward(self,
                 x: Tensor,

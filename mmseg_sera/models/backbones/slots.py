@@ -24,19 +24,32 @@ kind                   call and return value
 ``parallel_mlp_text``  ``A(x)`` beside the MLP of text block j; x the
                        un-normalised stream after attention, B x L x Ct
                        -> B x L x Ct
-``bridge``             reserved (ETRIS: a text block beside image block i)
+``bridge``             ``A(s, patches, x_text, hw=(h, w), text_mask=M,
+                       carry=c)`` after image block i, stage s, with the
+                       text stream advanced to the text block beside i
+                       -> :class:`BridgeOutput` (both streams updated)
 =====================  ==================================================
 
 :class:`AdapterSlots` is the one implementation: a tower declares the kinds
 it supports, the slots build and validate the adapter configs and hand the
 block loop what it needs (:meth:`AdapterSlots.branches`,
-:meth:`AdapterSlots.run_post_block`). State-dict keys: ``post_block``
-adapters sit at ``adapters.{i}`` (the established layout), every other kind
-at ``adapters.{kind}.{i}``.
+:meth:`AdapterSlots.run_post_block`, :meth:`AdapterSlots.start_lockstep`).
+State-dict keys: ``post_block`` adapters sit at ``adapters.{i}`` (the
+established layout), every other kind at ``adapters.{kind}.{i}``, except the
+bridge: one module spans all its blocks (its stages are chained), at
+``adapters.bridge``.
+
+Lock-step text (``bridge``): the backbone gets a *text stream* (see
+:class:`~mmseg_sera.models.text_encoders.clip_text.TextStream`: ``x``
+B x L x Ct, ``mask`` B x L, ``num_layers``, ``next_block``, ``step(j)``,
+``with_x(x)``, ``end()``) and runs its blocks beside its own through
+:class:`LockstepRun`. With Lv image and Lt text blocks, text block j runs
+right after image block ``floor((j + 1) Lv / Lt) - 1`` (j = i for equal
+depths; j after 2j + 1 for 24 vs 12), before the bridge of that block.
 """
 from functools import partial
-from typing import (Callable, Dict, List, Optional, Sequence, Tuple, Type,
-                    Union)
+from typing import (Any, Callable, Dict, List, NamedTuple, Optional,
+                    Sequence, Tuple, Type, Union)
 
 import torch
 import torch.nn as nn
@@ -53,7 +66,8 @@ SLOT_KINDS: Dict[str, str] = {
     'LN2(z) of all tokens',
     'parallel_mlp_text': 'beside the MLP of text block j, on the raw '
     'residual stream after attention',
-    'bridge': 'after image block i, with a text block beside it (ETRIS)',
+    'bridge': 'after image block i, with a text block beside it (ETRIS); '
+    'updates the patch tokens and all text tokens',
 }
 
 #: kinds whose adapters return an update that is scaled and summed
@@ -93,10 +107,12 @@ class AdapterSlots(ModuleDict):
     ``slot`` defaults to the adapter class's ``slot_kind`` attribute; a class
     that declares one refuses other slots. ``scale`` (parallel kinds only,
     default 1.0) multiplies the adapter's output. One adapter module is built
-    per insert index (no sharing). Errors raise ``ValueError``: a missing
-    ``type``, an unknown or unsupported slot kind, indices out of range or
-    after ``last_index``, duplicated indices (within or across entries of one
-    kind).
+    per insert index (no sharing), except for a ``bridge``: one module for
+    all its blocks (:meth:`add_bridge`), at most one per tower. Errors raise
+    ``ValueError``: a missing ``type``, an unknown or unsupported slot kind,
+    indices out of range or after ``last_index``, duplicated indices (within
+    or across entries of one kind), a class that is not a bridge in the
+    ``bridge`` slot.
     """
 
     def __init__(self, *, owner: str, kinds: Sequence[str], num_layers: int,
@@ -164,21 +180,67 @@ class AdapterSlots(ModuleDict):
                 raise ValueError(f"{self.owner}: {what} has an empty "
                                  "'insert'")
             scale = cfg.pop('scale', None)
+            if kind == 'bridge':
+                self._check_kind(kind)
+                if declared != 'bridge':
+                    raise ValueError(
+                        f"{self.owner}: {what} is not a bridge adapter (a "
+                        "'bridge' class declares slot_kind = 'bridge' and "
+                        'runs stage by stage, see ETRISBridger)')
+                self.add_bridge(insert, cfg, scale=scale, what=what)
+                continue
             for i in insert:
                 self.add(kind, i, cfg, scale=scale, what=what)
 
-    def add(self, kind: str, index: int, cfg: Union[Dict, nn.Module], *,
-            scale: Optional[float] = None, what: str = 'adapter') -> None:
-        """Place one adapter (a config, built here, or a module)."""
+    def _check_kind(self, kind: str) -> None:
         if kind not in SLOT_KINDS:
             raise ValueError(f'{self.owner}: unknown slot kind {kind!r}; '
                              f'known: {tuple(SLOT_KINDS)}')
         if kind not in self.kinds:
             raise ValueError(f'{self.owner} has no {kind!r} slot '
                              f'({SLOT_KINDS[kind]}); its slots: {self.kinds}')
+
+    def add_bridge(self, insert: Sequence[int], cfg: Dict, *,
+                   scale: Optional[float] = None,
+                   what: str = 'bridge') -> None:
+        """Build the one ``bridge`` module of this tower.
+
+        Its stages are chained (stage s reads stage s - 1), so a single
+        module spans every block of ``insert``: it is built with
+        ``insert`` = the resolved block indices in increasing order
+        (stage s runs after block ``insert[s]``) and ``embed_dims`` = the
+        tower width unless set. Stored at ``adapters.bridge``.
+        """
+        self._check_kind('bridge')
+        if scale is not None:
+            raise ValueError(f"{self.owner}: {what}: 'scale' applies to "
+                             f"{PARALLEL_KINDS} slots, not 'bridge'")
+        if 'bridge' in self:
+            raise ValueError(f'{self.owner}: {what}: this tower already has '
+                             'a bridge (one bridge module spans all its '
+                             'blocks)')
+        blocks = [self.resolve_index(i, what) for i in insert]
+        if len(set(blocks)) != len(blocks):
+            raise ValueError(f'{self.owner}: {what}: insert {tuple(insert)} '
+                             'names a block twice')
+        cfg = dict(cfg)
+        cfg['insert'] = tuple(sorted(blocks))
+        cfg.setdefault('embed_dims', self.embed_dims)
+        module = MODELS.build(cfg)
+        if tuple(getattr(module, 'insert', ())) != cfg['insert']:
+            raise ValueError(f'{self.owner}: {what} must keep its insert '
+                             f"blocks as 'insert' (got "
+                             f'{getattr(module, "insert", None)!r})')
+        self['bridge'] = module
+
+    def add(self, kind: str, index: int, cfg: Union[Dict, nn.Module], *,
+            scale: Optional[float] = None, what: str = 'adapter') -> None:
+        """Place one adapter (a config, built here, or a module)."""
+        self._check_kind(kind)
         if kind == 'bridge':
-            raise ValueError(f"{self.owner}: slot 'bridge' is reserved and "
-                             'not implemented yet')
+            raise ValueError(f"{self.owner}: {what}: a 'bridge' spans "
+                             'several blocks; use add_bridge (or declare it '
+                             'in adapters=[...])')
         if scale is not None and kind not in PARALLEL_KINDS:
             raise ValueError(f"{self.owner}: {what}: 'scale' applies to "
                              f'{PARALLEL_KINDS} slots, not {kind!r}')
@@ -203,8 +265,19 @@ class AdapterSlots(ModuleDict):
     # ------------------------------------------------------------------
     # lookup
     # ------------------------------------------------------------------
+    @property
+    def bridge_adapter(self) -> Optional[nn.Module]:
+        """The ``bridge`` module (its stages run after the blocks
+        ``.insert``), or None."""
+        return self['bridge'] if 'bridge' in self else None
+
     def adapter(self, kind: str, i: int) -> Optional[nn.Module]:
-        """The ``kind`` adapter of block i, or None."""
+        """The ``kind`` adapter of block i, or None (for ``bridge``: the
+        bridge module if one of its stages runs after block i)."""
+        if kind == 'bridge':
+            bridge = self.bridge_adapter
+            return bridge if bridge is not None and i in bridge.insert \
+                else None
         group = self if kind == 'post_block' else (
             self[kind] if kind in self else None)
         if group is None or str(i) not in group:
@@ -215,6 +288,9 @@ class AdapterSlots(ModuleDict):
         """Blocks that have a ``kind`` adapter, in increasing order."""
         if kind == 'post_block':
             keys = [k for k in self if k.isdigit()]
+        elif kind == 'bridge':
+            bridge = self.bridge_adapter
+            keys = [] if bridge is None else list(bridge.insert)
         else:
             keys = list(self[kind]) if kind in self else []
         return tuple(sorted(int(k) for k in keys))
@@ -244,6 +320,31 @@ class AdapterSlots(ModuleDict):
         out: AdapterOutput = module(tokens[:, P:], hw=hw, text=text)
         return torch.cat([tokens[:, :P], out.tokens], dim=1), out
 
+    def start_lockstep(self, text_stream: Optional[Any], *,
+                       num_prefix: int,
+                       hw: Tuple[int, int]) -> Optional['LockstepRun']:
+        """Begin one forward's lock-step text stream (see
+        :class:`LockstepRun`); None when there is neither a stream nor a
+        bridge.
+
+        Raises:
+            ValueError: a bridge is configured but no text stream was given
+                (e.g. the backbone runs in a stock ``EncoderDecoder``, or
+                the segmentor's text encoder has no stream API).
+        """
+        if text_stream is None:
+            if self.bridge_adapter is not None:
+                raise ValueError(
+                    f'{self.owner} has a bridge adapter '
+                    f'({type(self.bridge_adapter).__name__}) and needs a '
+                    'lock-step text stream: call forward_features(x, '
+                    'text_stream=text_encoder.begin(texts)) '
+                    '(ReferringEncoderDecoder '
+                    'does this with OpenCLIPTextEncoder); a stock '
+                    'EncoderDecoder cannot run it')
+            return None
+        return LockstepRun(self, text_stream, num_prefix=num_prefix, hw=hw)
+
     def emptied(self) -> 'AdapterSlots':
         """A slot set of the same tower with no adapters (to run the tower
         bare, e.g. for a frozen-backbone benchmark)."""
@@ -260,3 +361,108 @@ def _scaled(module: nn.Module, scale: float, ctx: Dict, h: Tensor) -> Tensor:
     """``scale * module(h, **ctx)`` (a parallel branch)."""
     out = module(h, **ctx)
     return out if scale == 1.0 else scale * out
+
+
+# --------------------------------------------------------------------------
+# lock-step text stream and the bridge
+# --------------------------------------------------------------------------
+class BridgeOutput(NamedTuple):
+    """Return value of a ``bridge`` adapter stage.
+
+    Attributes:
+        patches: updated image patch tokens, B x N x C.
+        text: updated text stream, B x L x Ct (all tokens).
+        carry: what the next stage reads (e.g. ETRIS's chained Ṽ, T̃).
+    """
+    patches: Tensor
+    text: Tensor
+    carry: Any = None
+
+
+def text_block_schedule(num_vision: int,
+                        num_text: int) -> Dict[int, Tuple[int, ...]]:
+    """Image block -> text blocks that run right after it (lock-step).
+
+    Text block j runs after image block ``floor((j + 1) Lv / Lt) - 1``:
+    j = i for equal depths, j after 2j + 1 for Lv = 24, Lt = 12 (the last
+    blocks of both towers always line up). Key -1 holds the text blocks
+    that run before image block 0 (only when Lt > Lv). Pure function.
+    """
+    if num_vision < 1 or num_text < 1:
+        raise ValueError(f'lock-step needs blocks in both towers, got '
+                         f'{num_vision} image and {num_text} text blocks')
+    out: Dict[int, List[int]] = {}
+    for j in range(num_text):
+        out.setdefault((j + 1) * num_vision // num_text - 1, []).append(j)
+    return {i: tuple(js) for i, js in out.items()}
+
+
+class LockstepRun:
+    """One forward's text stream beside the image blocks, with the bridge.
+
+    Per-call state only (the text stream and the bridge's carry), built by
+    :meth:`AdapterSlots.start_lockstep`. The block loop calls
+    :meth:`after_block` after each image block i (after its ``post_block``
+    adapter) and :meth:`finish` after the loop::
+
+        run text blocks j scheduled after i     (text_block_schedule)
+        if the bridge has a stage s at i:
+            patches, x_text, carry = bridge(s, patches, x_text, hw=(h, w),
+                                            text_mask=M, carry=carry)
+        ...
+        finish(): run the text blocks left (after the last image block that
+                  runs), then the stream's end() -> TextFeatures
+
+    Prefix tokens (class, registers: the first ``num_prefix``) pass through
+    the bridge unchanged; every text token is updated.
+    """
+
+    def __init__(self, slots: AdapterSlots, stream: Any, *, num_prefix: int,
+                 hw: Tuple[int, int]) -> None:
+        for attr in ('x', 'mask', 'num_layers', 'next_block', 'step',
+                     'with_x', 'end'):
+            if not hasattr(stream, attr):
+                raise ValueError(
+                    f'{slots.owner}: text_stream lacks {attr!r}; pass the '
+                    'state returned by the text encoder\'s begin()')
+        if stream.next_block != 0:
+            raise ValueError(f'{slots.owner}: the text stream has already '
+                             f'run {stream.next_block} blocks; start from '
+                             'begin()')
+        self.bridge = slots.bridge_adapter
+        self.owner = slots.owner
+        self.num_prefix = num_prefix
+        self.hw = tuple(hw)
+        self.schedule = text_block_schedule(slots.num_layers,
+                                            stream.num_layers)
+        self.stages = {} if self.bridge is None else {
+            i: s
+            for s, i in enumerate(self.bridge.insert)
+        }
+        self.carry: Any = None
+        self.stream = stream
+        for j in self.schedule.get(-1, ()):
+            self.stream = self.stream.step(j)
+
+    def after_block(self, i: int, tokens: Tensor) -> Tensor:
+        """Advance the text stream beside image block i and run the bridge
+        stage of block i (if any) on ``tokens`` (B x (P + N) x C)."""
+        for j in self.schedule.get(i, ()):
+            self.stream = self.stream.step(j)
+        stage = self.stages.get(i)
+        if stage is None:
+            return tokens
+        P = self.num_prefix
+        out: BridgeOutput = self.bridge(
+            stage, tokens[:, P:], self.stream.x, hw=self.hw,
+            text_mask=self.stream.mask, carry=self.carry)
+        self.carry = out.carry
+        self.stream = self.stream.with_x(out.text)
+        return torch.cat([tokens[:, :P], out.patches], dim=1)
+
+    def finish(self) -> TextFeatures:
+        """Run the remaining text blocks and return the final
+        :class:`TextFeatures` of the (bridge-modified) stream."""
+        while self.stream.next_block < self.stream.num_layers:
+            self.stream = self.stream.step(self.stream.next_block)
+        return self.stream.end()

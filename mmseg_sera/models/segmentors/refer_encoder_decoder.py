@@ -20,6 +20,13 @@ def _takes_text(module: nn.Module) -> bool:
     return 'text' in inspect.signature(module.forward).parameters
 
 
+def _has_bridge(backbone: nn.Module) -> bool:
+    """Whether the backbone has a ``bridge`` adapter (ETRIS), i.e. needs a
+    lock-step text stream."""
+    slots = getattr(backbone, 'adapters', None)
+    return getattr(slots, 'bridge_adapter', None) is not None
+
+
 @MODELS.register_module()
 class ReferringEncoderDecoder(BaseSegmentor):
     """Text encoder + backbone (+ neck) + head, per-sample sentences.
@@ -36,6 +43,9 @@ class ReferringEncoderDecoder(BaseSegmentor):
          │   ├─ text_encoder(texts)          -> TextFeatures
          │   ├─ backbone.forward_features()  -> BackboneOutput (maps, routing,
          │   │                                  aux losses)
+         │   │  (bridge mode: text_encoder.begin(texts) -> stream;
+         │   │   backbone.forward_features(x, text_stream=stream) runs the
+         │   │   text blocks beside its own; TextFeatures = its .text)
          │   └─ neck(feats, text)            -> NeckOutput (maps, aux losses,
          │                                      routing)
          └─ decode_head.loss(feats, text, data_samples)  loss_mask, loss_dice
@@ -54,6 +64,13 @@ class ReferringEncoderDecoder(BaseSegmentor):
 
     ``predict`` and ``_forward`` run the same network; ``predict`` only adds
     resizing and thresholding (``decode_head.threshold``).
+
+    Bridge mode (a backbone with a ``bridge`` adapter, e.g.
+    ``ETRISBridger``): the text tower runs inside the backbone's block loop,
+    so the text encoder must offer the stream API (``begin`` / ``step`` /
+    ``end``), and the neck and head get the text features of the
+    bridge-modified stream (``BackboneOutput.text``). Otherwise the text
+    encoder runs first, as above.
 
     Args:
         backbone: image encoder config; ``forward_features(x, text)`` is
@@ -96,6 +113,24 @@ class ReferringEncoderDecoder(BaseSegmentor):
         self._backbone_takes_text = _takes_text(self.backbone)
         self._neck_takes_text = self.neck is not None and _takes_text(
             self.neck)
+        self.bridge_mode = _has_bridge(self.backbone)
+        if self.bridge_mode:
+            lacks = [
+                name for name in ('begin', 'step', 'end')
+                if not callable(getattr(self.text_encoder, name, None))
+            ]
+            if lacks:
+                raise ValueError(
+                    f'the backbone ({type(self.backbone).__name__}) has a '
+                    "'bridge' adapter, which runs the text tower in "
+                    'lock-step, but the text encoder '
+                    f'({type(self.text_encoder).__name__}) has no stream API '
+                    f'({", ".join(lacks)} missing); use OpenCLIPTextEncoder')
+            if 'text_stream' not in inspect.signature(
+                    self.backbone.forward_features).parameters:
+                raise ValueError(
+                    f'{type(self.backbone).__name__}.forward_features takes '
+                    "no text_stream, so its 'bridge' adapter cannot run")
 
     # ------------------------------------------------------------------
     @staticmethod
@@ -120,6 +155,15 @@ class ReferringEncoderDecoder(BaseSegmentor):
             inputs: B x 3 x H x W normalised images.
             texts: B sentences.
         """
+        if self.bridge_mode:
+            stream = self.text_encoder.begin(list(texts))
+            bb = self.backbone.forward_features(inputs, text_stream=stream)
+            text = bb.text
+            if text is None:
+                raise RuntimeError(
+                    f'{type(self.backbone).__name__}.forward_features '
+                    'returned no text features in bridge mode')
+            return text, bb, self._neck(bb, text)
         text = self.text_encoder(list(texts))
         if hasattr(self.backbone, 'forward_features'):
             bb = self.backbone.forward_features(inputs, text=text)
@@ -127,14 +171,16 @@ class ReferringEncoderDecoder(BaseSegmentor):
             feats = (self.backbone(inputs, text=text)
                      if self._backbone_takes_text else self.backbone(inputs))
             bb = BackboneOutput(feats=tuple(feats))
+        return text, bb, self._neck(bb, text)
+
+    def _neck(self, bb: BackboneOutput, text: TextFeatures) -> NeckOutput:
+        """The neck on the backbone's maps (identity without a neck)."""
         if self.neck is None:
-            neck_out = NeckOutput(feats=bb.feats)
-        else:
-            out = (self.neck(bb.feats, text=text)
-                   if self._neck_takes_text else self.neck(bb.feats))
-            neck_out = out if isinstance(out, NeckOutput) else NeckOutput(
-                feats=tuple(out))
-        return text, bb, neck_out
+            return NeckOutput(feats=bb.feats)
+        out = (self.neck(bb.feats, text=text)
+               if self._neck_takes_text else self.neck(bb.feats))
+        return out if isinstance(out, NeckOutput) else NeckOutput(
+            feats=tuple(out))
 
     def encode_decode(self, inputs: Tensor, batch_img_metas: List[dict]
                       ) -> Tensor:

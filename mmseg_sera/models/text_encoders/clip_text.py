@@ -8,6 +8,7 @@ file loaded in :meth:`OpenCLIPTextEncoder.init_weights`.
 Shapes: B sentences, L = ``context_length`` tokens, Ct = tower width,
 Cp = ``embed_dim`` (the joint CLIP space).
 """
+import dataclasses
 import os
 import pickle
 import warnings
@@ -77,6 +78,55 @@ def extract_text_state_dict(
     return out
 
 
+@dataclasses.dataclass
+class TextStream:
+    """The text tower part-way through its blocks (lock-step mode).
+
+    Made by :meth:`OpenCLIPTextEncoder.begin`, advanced block by block with
+    :meth:`OpenCLIPTextEncoder.step` (or :meth:`step`), closed with
+    :meth:`OpenCLIPTextEncoder.end`. A value: each step returns a new
+    stream, nothing is stored in the encoder. A bridge may replace ``x``
+    between blocks (:meth:`with_x`).
+
+    Attributes:
+        encoder: the tower that runs the blocks (not owned).
+        x: B x L x Ct, the residual stream after ``next_block`` blocks.
+        ids: B x L token ids.
+        attn_mask: L x L additive causal mask.
+        next_block: index of the next text block to run (0 after begin).
+    """
+    encoder: 'OpenCLIPTextEncoder' = dataclasses.field(repr=False)
+    x: Tensor
+    ids: Tensor
+    attn_mask: Tensor
+    next_block: int = 0
+
+    @property
+    def mask(self) -> Tensor:
+        """B x L bool, True at padding (token id 0)."""
+        return self.ids == 0
+
+    @property
+    def num_layers(self) -> int:
+        """Number of text blocks."""
+        return len(self.encoder.blocks)
+
+    def step(self, j: Optional[int] = None) -> 'TextStream':
+        """Run text block j (default: the next one)."""
+        return self.encoder.step(self, self.next_block if j is None else j)
+
+    def with_x(self, x: Tensor) -> 'TextStream':
+        """The same stream with the residual stream replaced by ``x``."""
+        if x.shape != self.x.shape:
+            raise ValueError(f'TextStream: x must keep shape '
+                             f'{tuple(self.x.shape)}, got {tuple(x.shape)}')
+        return dataclasses.replace(self, x=x)
+
+    def end(self) -> TextFeatures:
+        """Final :class:`TextFeatures` (all blocks must have run)."""
+        return self.encoder.end(self)
+
+
 def build_causal_mask(length: int) -> Tensor:
     """Additive causal mask as CLIP uses it: L x L, 0 on and below the
     diagonal, -inf above (token i attends to tokens 0..i)."""
@@ -103,8 +153,17 @@ class OpenCLIPTextEncoder(BaseModule):
     independent of positions after i.
 
     The blocks run in an explicit loop (:meth:`forward_tokens`), split into
-    :meth:`embed`, :meth:`run_block` and :meth:`finalize` so that a bridge
-    can run the text blocks in lock-step with image blocks.
+    :meth:`embed`, :meth:`run_block` and :meth:`finalize`. The same loop is
+    offered as a *stream*, so that a bridge (ETRIS) can run the text blocks
+    in lock-step with image blocks and write into the text stream between
+    them::
+
+        s = enc.begin(texts or ids)        # embed; TextStream, next_block 0
+        s = enc.step(s, j)                 # text block j (with its adapters)
+        s = s.with_x(s.x + update)         # (what a bridge does)
+        feats = enc.end(s)                 # ln_final, pooled, mask
+
+    ``forward(texts)`` equals ``end`` of ``begin`` followed by every step.
 
     Adapters (slot kind ``parallel_mlp_text``, e.g. the DETRIS Text Adapter)
     run beside the MLP of their block j, on the un-normalised stream x after
@@ -138,6 +197,11 @@ class OpenCLIPTextEncoder(BaseModule):
             biases and every bias train) or ``'full'``.
         max_words_warning: warn (once per sentence) when a sentence is
             truncated to fit L.
+        train_pos_embed: the positional table trains whatever
+            ``trainable`` says (ETRIS trains CLIP's text positions). The
+            parameter keeps its native 77 rows (77 x 512 = 39,424 for
+            ViT-B-16, the count ETRIS reports); only the first L rows are
+            used, so only they get a gradient.
         adapters: text adapters, a list of ``dict(type=..., insert=(j,
             ...), scale=..., **kwargs)`` (``slot`` defaults to the class's
             ``slot_kind``; only ``'parallel_mlp_text'`` is supported);
@@ -158,6 +222,7 @@ class OpenCLIPTextEncoder(BaseModule):
                  trainable: str = 'frozen',
                  max_words_warning: bool = True,
                  adapters: Sequence[Dict] = (),
+                 train_pos_embed: bool = False,
                  init_cfg: Optional[dict] = None) -> None:
         super().__init__(init_cfg=init_cfg)
         # Imported here: open_clip pulls in timm/torchvision, which only the
@@ -230,6 +295,7 @@ class OpenCLIPTextEncoder(BaseModule):
         self.pooled_dims = embed_dim
         self.pretrained = pretrained
         self.trainable = trainable
+        self.train_pos_embed = bool(train_pos_embed)
         self.max_words_warning = max_words_warning
         self._tokenizer = None  # built on first use (reads bundled vocab)
         self.adapters = AdapterSlots(
@@ -260,6 +326,8 @@ class OpenCLIPTextEncoder(BaseModule):
                 if name.endswith('bias'):
                     param.requires_grad_(True)
         self.adapters.requires_grad_(True)  # adapters always train
+        if self.train_pos_embed:
+            self.positional_embedding.requires_grad_(True)
 
     def train(self, mode: bool = True) -> 'OpenCLIPTextEncoder':
         """A frozen tower stays in eval mode; adapters follow ``mode``."""
@@ -453,6 +521,55 @@ class OpenCLIPTextEncoder(BaseModule):
         for j in range(len(self.blocks)):
             x = self.run_block(j, x, attn_mask)
         return self.finalize(x, ids)
+
+    # ------------------------------------------------------------------
+    # lock-step stream
+    def begin(self, texts: Union[str, Sequence[str], Tensor]) -> TextStream:
+        """Start a stream: sentences (tokenised here) or B x L token ids
+        -> :class:`TextStream` with ``x = embed(ids)``, no block run yet.
+
+        Unlike :meth:`forward`, autograd is not switched off for a frozen
+        tower: a bridge writes trainable updates into the stream, and the
+        frozen blocks after it must pass their gradient on.
+        """
+        if isinstance(texts, Tensor):
+            ids = texts.to(self.token_embedding.weight.device)
+        else:
+            ids = self.tokenize(texts).to(self.token_embedding.weight.device)
+        x = self.embed(ids)
+        return TextStream(encoder=self, x=x, ids=ids,
+                          attn_mask=self.attn_mask.to(x.dtype))
+
+    def step(self, state: TextStream, j: int) -> TextStream:
+        """Run text block j (with its ``parallel_mlp_text`` adapters) on
+        the stream: B x L x Ct -> B x L x Ct. Blocks run in order.
+
+        Raises:
+            ValueError: j is not the stream's next block.
+        """
+        if state.encoder is not self:
+            raise ValueError('OpenCLIPTextEncoder.step: the stream was '
+                             'started by another encoder')
+        if j != state.next_block or not 0 <= j < len(self.blocks):
+            raise ValueError(
+                f'OpenCLIPTextEncoder.step: block {j} requested, the '
+                f'stream\'s next block is {state.next_block} (of '
+                f'{len(self.blocks)}); blocks run once, in order')
+        x = self.run_block(j, state.x, state.attn_mask)
+        return dataclasses.replace(state, x=x, next_block=j + 1)
+
+    def end(self, state: TextStream) -> TextFeatures:
+        """Close the stream: :meth:`finalize` (``ln_final``, pooled = EOT
+        @ ``text_projection``, mask = ids == 0) after the last block.
+
+        Raises:
+            ValueError: not every block has run.
+        """
+        if state.next_block != len(self.blocks):
+            raise ValueError(
+                f'OpenCLIPTextEncoder.end: only {state.next_block} of '
+                f'{len(self.blocks)} text blocks have run')
+        return self.finalize(state.x, state.ids)
 
     def forward(self, texts: Union[str, Sequence[str]]) -> TextFeatures:
         """Sentences (B of them) -> TextFeatures (tokens B x L x Ct, mask
