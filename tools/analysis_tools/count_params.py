@@ -19,10 +19,17 @@ parameters and how many of them have ``requires_grad``:
 plus the total and the trainable share of the backbone's own parameters
 (``100 * trainable / total`` over ``backbone`` above, in percent).  Each
 parameter tensor is counted once, in the first part that owns it.
+
+A second table splits some parts into sub-parts (``subparts`` in the
+JSON): the adapters by tower and slot kind (``adapters.backbone.
+parallel_mlp``, ``adapters.text_encoder.parallel_mlp_text``,
+``adapters.backbone.post_block``; ``modules`` = how many adapters), and
+the neck and the head by child module (``head.decoder``,
+``head.projector``, ``neck.gates``, ...; ``auxiliary_head.*``).
 """
 import argparse
 import os.path as osp
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import mmengine
 import torch.nn as nn
@@ -52,6 +59,54 @@ def _part_of(name: str) -> str:
     return 'other'
 
 
+def _subpart_of(name: str) -> Optional[Tuple[str, Optional[str]]]:
+    """(sub-part, module key) of a parameter, or None.
+
+    The module key names one adapter (``backbone.adapters.parallel_mlp.3``)
+    so that the adapters of a sub-part can be counted.
+    """
+    fields = name.split('.')
+    for tower in ('backbone', 'text_encoder'):
+        if name.startswith(tower + '.adapters.') and len(fields) > 3:
+            # post_block adapters sit at adapters.{i}, the other kinds at
+            # adapters.{kind}.{i}
+            if fields[2].isdigit():
+                return (f'adapters.{tower}.post_block',
+                        '.'.join(fields[:3]))
+            # one module per block index; a module without one (an ETRIS
+            # bridge spans its blocks) counts once
+            depth = 4 if fields[3].isdigit() else 3
+            return (f'adapters.{tower}.{fields[2]}',
+                    '.'.join(fields[:depth]))
+    prefixes = (('neck', 'neck'), ('decode_head', 'head'),
+                ('auxiliary_head', 'auxiliary_head'))
+    for prefix, part in prefixes:
+        if fields[0] == prefix and len(fields) > 2:
+            return f'{part}.{fields[1]}', None
+    return None
+
+
+def count_subparts(model: nn.Module) -> Dict[str, Dict[str, int]]:
+    """Sub-part counts (see the module docstring): sub-part ->
+    ``{'total', 'trainable', 'modules'}``, in order of first appearance;
+    ``modules`` is the number of adapters (1 for a neck or head child)."""
+    rows: Dict[str, Dict[str, int]] = {}
+    keys: Dict[str, set] = {}
+    for name, p in model.named_parameters():
+        found = _subpart_of(name)
+        if found is None:
+            continue
+        sub, key = found
+        row = rows.setdefault(sub, dict(total=0, trainable=0, modules=1))
+        row['total'] += p.numel()
+        if p.requires_grad:
+            row['trainable'] += p.numel()
+        if key is not None:
+            keys.setdefault(sub, set()).add(key)
+            row['modules'] = len(keys[sub])
+    return rows
+
+
 def count_parameters(model: nn.Module) -> Dict:
     """Per-part parameter counts of a segmentor.
 
@@ -68,7 +123,8 @@ def count_parameters(model: nn.Module) -> Dict:
         - ``total``: ``{'total': int, 'trainable': int}`` over every
           distinct parameter tensor;
         - ``backbone_trainable_percent``: ``100 * trainable / total`` of
-          the backbone's own parameters (0.0 when it has none).
+          the backbone's own parameters (0.0 when it has none);
+        - ``subparts``: :func:`count_subparts`.
     """
     if not isinstance(model, nn.Module):
         raise TypeError('count_parameters expects a torch.nn.Module, got '
@@ -85,7 +141,8 @@ def count_parameters(model: nn.Module) -> Dict:
         trainable=sum(r['trainable'] for r in parts.values()))
     bb = parts['backbone']
     share = 100. * bb['trainable'] / bb['total'] if bb['total'] else 0.
-    return dict(parts=parts, total=total, backbone_trainable_percent=share)
+    return dict(parts=parts, total=total, backbone_trainable_percent=share,
+                subparts=count_subparts(model))
 
 
 def _fmt(n: int) -> str:
@@ -108,9 +165,20 @@ def format_table(counts: Dict, title: Optional[str] = None) -> str:
     table.align['parameters'] = 'r'
     table.align['trainable'] = 'r'
     table.align['trainable %'] = 'r'
-    return (table.get_string() + '\nbackbone (own parameters, adapters '
+    text = (table.get_string() + '\nbackbone (own parameters, adapters '
             f'excluded) trainable share: '
             f'{counts["backbone_trainable_percent"]:.4f} %')
+    subparts = counts.get('subparts')
+    if subparts:
+        sub = PrettyTable(['sub-part', 'modules', 'parameters',
+                           'trainable'])
+        for name, r in subparts.items():
+            sub.add_row([name, r['modules'], _fmt(r['total']),
+                         _fmt(r['trainable'])])
+        for col in ('modules', 'parameters', 'trainable'):
+            sub.align[col] = 'r'
+        text += '\n' + sub.get_string()
+    return text
 
 
 def build_model(config: str, cfg_options: Optional[dict] = None

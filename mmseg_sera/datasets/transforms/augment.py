@@ -13,7 +13,11 @@ from mmcv.transforms import BaseTransform
 from mmseg.registry import TRANSFORMS
 from .text_transforms import swap_left_right
 
-__all__ = ['ReferResizePad', 'RandomReferFlip']
+__all__ = ['ReferResizePad', 'RandomReferFlip', 'SOFT_MASK_KEY']
+
+#: results / data-sample key of the soft (float) target
+SOFT_MASK_KEY = 'gt_soft_mask'
+MASK_INTERP = ('nearest', 'bilinear')
 
 
 def _pair(size: Union[int, Sequence[int]]) -> Tuple[int, int]:
@@ -41,6 +45,20 @@ class ReferResizePad(BaseTransform):
     nearest neighbours and padded with ``seg_pad_val`` (0 = background: the
     padding is known not to be the object; use 255 to ignore it instead).
 
+    Soft targets (``mask_interp='bilinear'``, the CRIS/ETRIS/DETRIS
+    recipe: the mask is warped bilinearly and divided by 255, so the
+    target is fractional along the object's edges). ``gt_seg_map`` stays
+    binary (nearest, as above: ``acc_seg``, the ignore label and the
+    metrics use it) and a float32 map is added::
+
+        gt_soft_mask = pad(bilinear_resize(float(gt_seg_map == 1)), 0)
+
+    H x W in [0, 1], resized bilinearly to the image's (h', w')
+    (``mmcv.imresize``, half-pixel centres, no antialiasing) and padded
+    with 0 like the image. It joins ``seg_fields`` (a later flip mirrors it) and
+    :class:`PackReferSegInputs` packs it as ``gt_soft_mask``; the heads
+    train on it when present (``BaseReferHead.loss_by_feat``).
+
     Metainfo written (mmseg conventions, so ``BaseSegmentor.
     postprocess_result`` maps predictions back to the original size by
     cropping ``padding_size`` and resizing to ``ori_shape``):
@@ -59,6 +77,9 @@ class ReferResizePad(BaseTransform):
         seg_pad_val (int): padding of the masks. Default: 0.
         center (bool): centre the image (the peers) or put it top-left.
             Default: True.
+        mask_interp (str): ``'nearest'`` (binary targets only) or
+            ``'bilinear'`` (also write the soft target ``gt_soft_mask``).
+            Default: ``'nearest'``.
     """
 
     def __init__(self,
@@ -66,10 +87,15 @@ class ReferResizePad(BaseTransform):
                  interpolation: str = 'bicubic',
                  pad_val: Union[float, Sequence[float]] = 0,
                  seg_pad_val: int = 0,
-                 center: bool = True) -> None:
+                 center: bool = True,
+                 mask_interp: str = 'nearest') -> None:
         self.size = _pair(size)
         if min(self.size) <= 0:
             raise ValueError(f'size must be positive, got {self.size}')
+        if mask_interp not in MASK_INTERP:
+            raise ValueError(f'mask_interp must be one of {MASK_INTERP}, '
+                             f'got {mask_interp!r}')
+        self.mask_interp = mask_interp
         self.interpolation = interpolation
         self.pad_val = tuple(pad_val) if isinstance(
             pad_val, (list, tuple)) else pad_val
@@ -95,11 +121,27 @@ class ReferResizePad(BaseTransform):
                             interpolation=self.interpolation)
         results['img'] = mmcv.impad(img, padding=padding,
                                     pad_val=self.pad_val)
+        soft = None
+        if self.mask_interp == 'bilinear' and 'gt_seg_map' in results:
+            # from the binary map before it is resized (255 = ignore: 0)
+            binary = (results['gt_seg_map'] == 1).astype(np.float32)
+            soft = mmcv.impad(
+                mmcv.imresize(binary, (new_w, new_h),
+                              interpolation='bilinear'),
+                padding=padding, pad_val=0.)
         for key in results.get('seg_fields', []):
+            if key == SOFT_MASK_KEY and soft is not None:
+                continue  # rebuilt from gt_seg_map above
             seg = mmcv.imresize(results[key], (new_w, new_h),
                                 interpolation='nearest')
-            results[key] = mmcv.impad(seg, padding=padding,
-                                      pad_val=self.seg_pad_val)
+            results[key] = mmcv.impad(
+                seg, padding=padding,
+                pad_val=0. if key == SOFT_MASK_KEY else self.seg_pad_val)
+        if soft is not None:
+            results[SOFT_MASK_KEY] = np.clip(soft, 0., 1.)
+            seg_fields = results.setdefault('seg_fields', [])
+            if SOFT_MASK_KEY not in seg_fields:
+                seg_fields.append(SOFT_MASK_KEY)
         results['img_shape'] = self.size
         results['pad_shape'] = self.size
         results['resized_shape'] = (new_h, new_w)
@@ -112,7 +154,7 @@ class ReferResizePad(BaseTransform):
         return (f'{self.__class__.__name__}(size={self.size}, '
                 f'interpolation={self.interpolation!r}, '
                 f'pad_val={self.pad_val}, seg_pad_val={self.seg_pad_val}, '
-                f'center={self.center})')
+                f'center={self.center}, mask_interp={self.mask_interp!r})')
 
 
 @TRANSFORMS.register_module()

@@ -8,6 +8,7 @@ from mmengine.structures import PixelData
 
 from mmseg.registry import TRANSFORMS
 from mmseg.structures import SegDataSample
+from .augment import SOFT_MASK_KEY
 
 __all__ = ['PackReferSegInputs']
 
@@ -30,6 +31,10 @@ class PackReferSegInputs(BaseTransform):
       1 x H x W, values 0/1 (and 255 where ignored), when ``gt_seg_map`` is
       present.  Its size is whatever the pipeline left: the input size in
       training, the original size in testing.
+    - ``data_samples.gt_soft_mask``: ``PixelData`` with ``data`` float32
+      1 x H x W in [0, 1], when the pipeline made a soft target
+      (``ReferResizePad(mask_interp='bilinear')``); the heads then train on
+      it, while ``gt_sem_seg`` stays the binary mask of the metrics.
     - ``data_samples.metainfo``: the keys of ``meta_keys`` found in the
       results; ``text`` (the cleaned sentence) is required.
 
@@ -61,6 +66,14 @@ class PackReferSegInputs(BaseTransform):
                 seg = seg[None]
             sample.gt_sem_seg = PixelData(
                 data=torch.from_numpy(np.ascontiguousarray(seg, np.int64)))
+        if SOFT_MASK_KEY in results:
+            soft = results[SOFT_MASK_KEY]
+            if soft.ndim == 2:
+                soft = soft[None]
+            sample.set_field(
+                PixelData(data=torch.from_numpy(
+                    np.ascontiguousarray(soft, np.float32))),
+                SOFT_MASK_KEY)
         sample.set_metainfo(
             {k: results[k] for k in self.meta_keys if k in results})
         packed['data_samples'] = sample

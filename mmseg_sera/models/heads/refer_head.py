@@ -178,6 +178,10 @@ DEFAULT_LOSSES = (
 
 _LOSS_AT = ('gt', 'logits')
 
+#: data-sample field of the optional soft target (float 1 x H x W in [0, 1];
+#: ``ReferResizePad(mask_interp='bilinear')`` writes it)
+SOFT_TARGET_KEY = 'gt_soft_mask'
+
 
 class BaseReferHead(BaseDecodeHead):
     """The contract every referring mask head of mmseg_sera keeps: maps +
@@ -322,6 +326,49 @@ class BaseReferHead(BaseDecodeHead):
         return self.predict_by_feat(self.forward(inputs, text),
                                     batch_img_metas)
 
+    def _stack_batch_soft(self, batch_data_samples: SampleList,
+                          size: Tuple[int, int]) -> Optional[Tensor]:
+        """The samples' ``gt_soft_mask`` maps as B x 1 x H x W float, or
+        None when no sample has one.
+
+        mmseg's ``stack_batch`` pads only ``gt_sem_seg`` (bottom / right,
+        with the ignore label) when it pads the batch, so a smaller soft map
+        is padded the same way, with 0; those pixels are ignored through
+        ``gt_sem_seg`` anyway.
+
+        Raises:
+            ValueError: only some samples have a soft target, a soft map is
+                larger than ``size`` or holds values outside [0, 1].
+        """
+        name = type(self).__name__
+        has = [SOFT_TARGET_KEY in s for s in batch_data_samples]
+        if not any(has):
+            return None
+        if not all(has):
+            raise ValueError(
+                f'{name}: {sum(has)} of {len(has)} samples have '
+                f'{SOFT_TARGET_KEY}; soft targets need all or none')
+        maps = []
+        for sample in batch_data_samples:
+            soft = sample.get(SOFT_TARGET_KEY).data.float()
+            if soft.dim() == 2:
+                soft = soft[None]
+            dh, dw = size[0] - soft.shape[-2], size[1] - soft.shape[-1]
+            if dh < 0 or dw < 0:
+                raise ValueError(
+                    f'{name}: {SOFT_TARGET_KEY} of size '
+                    f'{tuple(soft.shape[-2:])} is larger than gt_sem_seg '
+                    f'{tuple(size)}')
+            if dh or dw:
+                soft = F.pad(soft, (0, dw, 0, dh), value=0.)
+            maps.append(soft)
+        soft = torch.stack(maps)  # B x 1 x H x W
+        if bool(((soft < 0) | (soft > 1)).any()):
+            raise ValueError(
+                f'{name}: {SOFT_TARGET_KEY} must lie in [0, 1], found '
+                f'[{soft.min().item()}, {soft.max().item()}]')
+        return soft
+
     def loss_by_feat(self, seg_logits: Tensor,
                      batch_data_samples: SampleList) -> dict:
         """Logits B x 1 x h x w and data samples with ``gt_sem_seg``
@@ -330,8 +377,18 @@ class BaseReferHead(BaseDecodeHead):
         With ``loss_at='gt'`` the logits are bilinearly resized to H x W;
         with ``'logits'`` the labels are nearest-resized to h x w.
 
+        Soft targets: when the samples carry ``gt_soft_mask`` (float
+        1 x H x W in [0, 1], ``ReferResizePad(mask_interp='bilinear')``),
+        it is resized like the labels and becomes the target y of the
+        ``CrossEntropyLoss`` terms (sigmoid BCE with fractional targets,
+        ``-[y log p + (1 - y) log(1 - p)]``, p = sigmoid(logit)) and of the
+        ``DiceLoss`` terms (soft Dice). Pixels where ``gt_sem_seg`` is
+        ``ignore_index`` stay ignored; other loss types and ``acc_seg``
+        keep the binary labels.
+
         Raises:
-            ValueError: a valid label is not 0 or 1.
+            ValueError: a valid label is not 0 or 1; see also
+                :meth:`_stack_batch_soft`.
         """
         seg_label = self._stack_batch_gt(batch_data_samples)  # B x 1 x H x W
         invalid = ((seg_label != 0) & (seg_label != 1)
@@ -341,10 +398,15 @@ class BaseReferHead(BaseDecodeHead):
             raise ValueError(
                 f'{type(self).__name__}: gt_sem_seg must hold 0, 1 or '
                 f'{self.ignore_index} (ignore), found {bad}')
+        soft = self._stack_batch_soft(batch_data_samples,
+                                      tuple(seg_label.shape[2:]))
         if self.loss_at == 'logits':
             seg_label = F.interpolate(
                 seg_label.float(), size=seg_logits.shape[2:],
                 mode='nearest')
+            if soft is not None:
+                soft = F.interpolate(
+                    soft, size=seg_logits.shape[2:], mode='nearest')
         else:
             seg_logits = resize(
                 input=seg_logits,
@@ -356,6 +418,12 @@ class BaseReferHead(BaseDecodeHead):
         binary_target = (seg_label * valid)[:, None]  # B x 1 x H x W
         masked_logits = seg_logits.masked_fill(~valid[:, None],
                                                float('-inf'))
+        bce_label, dice_target = seg_label, binary_target
+        if soft is not None:
+            soft = soft.squeeze(1) * valid  # B x H x W, 0 where ignored
+            # the ignore label marks the same pixels in the float target
+            bce_label = soft.masked_fill(~valid, float(self.ignore_index))
+            dice_target = soft[:, None]
 
         losses = self.loss_decode if isinstance(
             self.loss_decode, nn.ModuleList) else [self.loss_decode]
@@ -363,7 +431,11 @@ class BaseReferHead(BaseDecodeHead):
         for loss_decode in losses:
             if isinstance(loss_decode, DiceLoss):
                 value = loss_decode(
-                    masked_logits, binary_target, weight=None,
+                    masked_logits, dice_target, weight=None,
+                    ignore_index=self.ignore_index)
+            elif isinstance(loss_decode, CrossEntropyLoss):
+                value = loss_decode(
+                    seg_logits, bce_label, weight=None,
                     ignore_index=self.ignore_index)
             else:
                 value = loss_decode(
