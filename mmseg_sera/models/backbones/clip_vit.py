@@ -20,8 +20,6 @@ run in the slots of :class:`~mmseg_sera.models.backbones.slots.AdapterSlots`
 (``post_block``, ``parallel_mlp``, ``bridge``). See ``docs/backbone.md``
 and, for ETRIS, ``docs/peers.md``.
 """
-import os
-import pickle
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -33,8 +31,9 @@ from mmengine.model import BaseModule
 from torch import Tensor
 
 from mmseg.registry import MODELS
+from ..clip_checkpoint import read_clip_checkpoint
 from ..structures import BackboneOutput, TextFeatures, merge_losses
-from .slots import AdapterSlots
+from .slots import AdapterSlots, resolve_block_indices
 
 # vision_cfg options of open_clip that this backbone does not implement
 _UNSUPPORTED_VISION_CFG = dict(
@@ -269,7 +268,11 @@ class CLIPViT(BaseModule):
         self._embed_dims = tower.transformer.width
         self.output_dims = embed_dim
         self.num_layers = len(self.blocks)
-        self.out_indices = self._resolve_out_indices(out_indices)
+        self.out_indices = resolve_block_indices(
+            out_indices, self.num_layers, 'CLIPViT: out_indices')
+        if not self.out_indices:
+            raise ValueError('CLIPViT: out_indices must name at least one '
+                             'block')
         self.out_norm = out_norm
         self.out_proj = bool(out_proj)
         self.pretrained = pretrained
@@ -289,24 +292,6 @@ class CLIPViT(BaseModule):
                     f'ResidualAttentionBlock; block {i} is a '
                     f'{type(self.blocks[i]).__name__}')
         self._apply_trainable()
-
-    # ------------------------------------------------------------------
-    # construction helpers
-    # ------------------------------------------------------------------
-    def _resolve_out_indices(self, indices: Sequence[int]) -> Tuple[int, ...]:
-        if isinstance(indices, int):
-            indices = (indices, )
-        out = []
-        for i in indices:
-            j = i + self.num_layers if i < 0 else i
-            if not 0 <= j < self.num_layers:
-                raise ValueError(f'CLIPViT: out_indices entry {i} is out of '
-                                 f'range for {self.num_layers} blocks')
-            out.append(j)
-        if not out or len(set(out)) != len(out):
-            raise ValueError('CLIPViT: out_indices must name distinct '
-                             f'blocks, got {tuple(indices)}')
-        return tuple(sorted(out))
 
     @property
     def blocks(self) -> nn.ModuleList:
@@ -386,30 +371,7 @@ class CLIPViT(BaseModule):
             ValueError: unreadable file, missing or unexpected keys (listed)
                 or wrong shapes.
         """
-        path = os.path.expanduser(str(path))
-        if not os.path.isfile(path):
-            raise FileNotFoundError(
-                f'CLIPViT: pretrained checkpoint {path!r} not found. '
-                'Weights are never downloaded: save the state dict of an '
-                'open_clip CLIP model there (torch.save(open_clip.'
-                "create_model('ViT-B-16', pretrained='openai').state_dict(), "
-                'PATH) on a machine with network access), or set '
-                'pretrained=None for random weights.')
-        try:
-            if path.endswith('.safetensors'):
-                from safetensors.torch import load_file
-                raw = load_file(path, device='cpu')
-            else:
-                raw = torch.load(path, map_location='cpu', weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, OSError) as err:
-            raise ValueError(
-                f'CLIPViT: cannot read {path!r} as a state dict ({err}). '
-                "OpenAI's TorchScript archives must be converted once with "
-                'open_clip (create_model(..., pretrained=FILE) then '
-                'torch.save(model.state_dict(), ...)).') from err
-        if not isinstance(raw, dict):
-            raise ValueError(f'CLIPViT: {path!r} holds a '
-                             f'{type(raw).__name__}, not a state dict')
+        raw = read_clip_checkpoint(path, 'CLIPViT')
         state = extract_visual_state_dict(raw)
         own = dict(self.backbone_named_parameters())
         missing = sorted(set(own) - set(state))

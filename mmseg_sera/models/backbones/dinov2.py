@@ -33,7 +33,7 @@ from torch import Tensor
 from mmseg.registry import MODELS
 from ..position import sine_position_2d
 from ..structures import BackboneOutput, TextFeatures, merge_losses
-from .slots import AdapterSlots
+from .slots import AdapterSlots, resolve_block_indices
 
 CONVERTER = 'tools/model_converters/dinov2_to_sera.py'
 
@@ -370,11 +370,12 @@ class DINOv2(BaseModule):
             interpolate_offset,
             has_reg if interpolate_antialias is None else
             interpolate_antialias)
-        self.out_indices = self._resolve_indices(out_indices, 'out_indices')
+        self.out_indices = resolve_block_indices(out_indices, L,
+                                                 'out_indices')
         if not self.out_indices:
             raise ValueError('out_indices must name at least one block')
         self.out_norm = out_norm
-        self.adapter_indices = self._resolve_indices(adapter_indices,
+        self.adapter_indices = resolve_block_indices(adapter_indices, L,
                                                      'adapter_indices')
         if self.adapter_indices and self.adapter_indices[-1] > max(
                 self.out_indices):
@@ -455,21 +456,6 @@ class DINOv2(BaseModule):
             out.update(arch)
             return out
         raise ValueError(f'arch must be a str or dict, got {type(arch)}')
-
-    def _resolve_indices(self, indices: Sequence[int],
-                         name: str) -> Tuple[int, ...]:
-        if isinstance(indices, int):
-            indices = (indices, )
-        out = []
-        for i in indices:
-            j = i + self.num_layers if i < 0 else i
-            if not 0 <= j < self.num_layers:
-                raise ValueError(f'{name} entry {i} is out of range for '
-                                 f'{self.num_layers} blocks')
-            out.append(j)
-        if len(set(out)) != len(out):
-            raise ValueError(f'{name} {tuple(indices)} has duplicates')
-        return tuple(sorted(out))
 
     def _random_init(self) -> None:
         """Official DINOv2 init: trunc-normal(0.02) position table (or the

@@ -85,6 +85,25 @@ def _adapter_class(type_: Union[str, Type[nn.Module]],
     return cls
 
 
+def resolve_block_indices(indices: Union[int, Sequence[int]], num_layers: int,
+                          name: str) -> Tuple[int, ...]:
+    """Block indices (negative ones counted from the end) -> sorted
+    0..num_layers-1; out-of-range or repeated entries raise ``ValueError``
+    naming ``name``."""
+    if isinstance(indices, int):
+        indices = (indices, )
+    out = []
+    for i in indices:
+        j = i + num_layers if i < 0 else i
+        if not 0 <= j < num_layers:
+            raise ValueError(f'{name} entry {i} is out of range for '
+                             f'{num_layers} blocks')
+        out.append(j)
+    if len(set(out)) != len(out):
+        raise ValueError(f'{name} {tuple(indices)} has duplicates')
+    return tuple(sorted(out))
+
+
 class AdapterSlots(ModuleDict):
     """The adapters of one tower, by slot kind and block index.
 

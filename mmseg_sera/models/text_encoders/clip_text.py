@@ -9,8 +9,6 @@ Shapes: B sentences, L = ``context_length`` tokens, Ct = tower width,
 Cp = ``embed_dim`` (the joint CLIP space).
 """
 import dataclasses
-import os
-import pickle
 import warnings
 from typing import Dict, Optional, Sequence, Union
 
@@ -22,6 +20,7 @@ from torch import Tensor
 
 from mmseg.registry import MODELS
 from ..backbones.slots import AdapterSlots
+from ..clip_checkpoint import read_clip_checkpoint
 from ..structures import TextFeatures
 
 # Keys of an open_clip ``CLIP`` state dict that belong to the text tower.
@@ -354,32 +353,7 @@ class OpenCLIPTextEncoder(BaseModule):
             FileNotFoundError: the file does not exist.
             ValueError: unreadable file, missing text keys or wrong shapes.
         """
-        path = os.path.expanduser(str(path))
-        if not os.path.isfile(path):
-            raise FileNotFoundError(
-                'OpenCLIPTextEncoder: '
-                f'pretrained checkpoint {path!r} not found. '
-                'Weights are never downloaded: save the state dict of an '
-                'open_clip CLIP model there (e.g. checkpoints/'
-                'open_clip_vit_b16.bin, from torch.save(open_clip.'
-                "create_model('ViT-B-16', pretrained='openai').state_dict(), "
-                '...) on a machine with network access), or set '
-                'pretrained=None for random weights.')
-        try:
-            if path.endswith('.safetensors'):
-                from safetensors.torch import load_file
-                raw = load_file(path, device='cpu')
-            else:
-                raw = torch.load(path, map_location='cpu', weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, OSError) as err:
-            raise ValueError(
-                f'OpenCLIPTextEncoder: cannot read {path!r} as a state dict '
-                f'({err}). OpenAI\'s TorchScript archives must be converted '
-                'once with open_clip (create_model(..., pretrained=FILE) then '
-                'torch.save(model.state_dict(), ...)).') from err
-        if not isinstance(raw, dict):
-            raise ValueError(f'OpenCLIPTextEncoder: {path!r} holds a '
-                             f'{type(raw).__name__}, not a state dict')
+        raw = read_clip_checkpoint(path, 'OpenCLIPTextEncoder')
         state = extract_text_state_dict(raw)
         own = {  # adapters are not part of a CLIP checkpoint
             k: v
