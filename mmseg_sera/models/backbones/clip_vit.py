@@ -33,7 +33,8 @@ from torch import Tensor
 from mmseg.registry import MODELS
 from ..clip_checkpoint import read_clip_checkpoint
 from ..structures import BackboneOutput, TextFeatures, merge_losses
-from .slots import AdapterSlots, resolve_block_indices
+from .slots import (TRAINABLE_MODES, AdapterSlots, resolve_block_indices,
+                    set_trainable)
 
 # vision_cfg options of open_clip that this backbone does not implement
 _UNSUPPORTED_VISION_CFG = dict(
@@ -178,7 +179,7 @@ class CLIPViT(BaseModule):
             checkpoint=PATH)`` is the same as ``pretrained=PATH``.
     """
     SLOT_KINDS = ('post_block', 'parallel_mlp', 'bridge')
-    TRAINABLE = ('frozen', 'ln_bias', 'full')
+    TRAINABLE = TRAINABLE_MODES
     OUT_NORM = ('last', 'all', 'none')
 
     def __init__(self,
@@ -323,17 +324,7 @@ class CLIPViT(BaseModule):
                 yield name, p
 
     def _apply_trainable(self) -> None:
-        full = self.trainable == 'full'
-        for _, p in self.backbone_named_parameters():
-            p.requires_grad_(full)
-        if self.trainable == 'ln_bias':
-            for prefix, m in self.named_modules():
-                if prefix.startswith('adapters'):
-                    continue
-                is_norm = isinstance(m, nn.LayerNorm)
-                for name, p in m.named_parameters(recurse=False):
-                    if is_norm or name.endswith('bias'):
-                        p.requires_grad_(True)
+        set_trainable(self, self.trainable)
         if self.train_pos_embed:
             self.positional_embedding.requires_grad_(True)
 

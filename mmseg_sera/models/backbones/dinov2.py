@@ -33,7 +33,8 @@ from torch import Tensor
 from mmseg.registry import MODELS
 from ..position import sine_position_2d
 from ..structures import BackboneOutput, TextFeatures, merge_losses
-from .slots import AdapterSlots, resolve_block_indices
+from .slots import (TRAINABLE_MODES, AdapterSlots, resolve_block_indices,
+                    set_trainable)
 
 CONVERTER = 'tools/model_converters/dinov2_to_sera.py'
 
@@ -209,11 +210,6 @@ class PatchEmbed(nn.Module):
 # --------------------------------------------------------------------------
 # Backbone
 # --------------------------------------------------------------------------
-def _trainable_policy(name: str, module_is_norm: bool) -> bool:
-    """``ln_bias`` rule: every LayerNorm weight/bias and every bias term."""
-    return module_is_norm or name.endswith('bias')
-
-
 def _decode_resampling(value: Tensor) -> Tuple[float, bool]:
     """``pos_resampling`` buffer -> (interpolate_offset, antialias)."""
     offset, antialias = value.tolist()
@@ -296,7 +292,7 @@ class DINOv2(BaseModule):
         's': 'small', 'b': 'base', 'l': 'large', 'g': 'giant',
         'giant2': 'giant'
     }
-    TRAINABLE = ('frozen', 'ln_bias', 'full')
+    TRAINABLE = TRAINABLE_MODES
     OUT_NORM = ('last', 'all', 'none')
     POS_EMBED_INIT = ('trunc_normal', 'sincos')
     SLOT_KINDS = ('post_block', 'parallel_mlp', 'bridge')
@@ -489,20 +485,8 @@ class DINOv2(BaseModule):
                 yield m
 
     def _apply_trainable(self) -> None:
-        if self.trainable == 'full':
-            for _, p in self.backbone_named_parameters():
-                p.requires_grad_(True)
-            return
-        for _, p in self.backbone_named_parameters():
-            p.requires_grad_(False)
+        set_trainable(self, self.trainable)
         if self.trainable == 'ln_bias':
-            for prefix, m in self.named_modules():
-                if prefix.startswith('adapters'):
-                    continue
-                is_norm = isinstance(m, nn.LayerNorm)
-                for name, p in m.named_parameters(recurse=False):
-                    if _trainable_policy(name, is_norm):
-                        p.requires_grad_(True)
             print_log(
                 f'DINOv2 trainable=ln_bias: {100 * self.trainable_share():.3f}'
                 '% of the backbone parameters train', logger='current')

@@ -85,6 +85,27 @@ def _adapter_class(type_: Union[str, Type[nn.Module]],
     return cls
 
 
+#: what a tower's own parameters do (its adapters always train)
+TRAINABLE_MODES = ('frozen', 'ln_bias', 'full')
+
+
+def set_trainable(tower: nn.Module, mode: str) -> None:
+    """``requires_grad`` of a tower's own parameters, ``adapters.*`` left
+    alone (they always train): ``'full'`` all, ``'frozen'`` none,
+    ``'ln_bias'`` every LayerNorm weight and bias and every other bias term
+    (the SERA paper's policy)."""
+    if mode not in TRAINABLE_MODES:
+        raise ValueError(f'trainable must be one of {TRAINABLE_MODES}, got '
+                         f'{mode!r}')
+    for prefix, m in tower.named_modules():
+        if prefix == 'adapters' or prefix.startswith('adapters.'):
+            continue
+        is_norm = isinstance(m, nn.LayerNorm)
+        for name, p in m.named_parameters(recurse=False):
+            p.requires_grad_(mode == 'full' or (
+                mode == 'ln_bias' and (is_norm or name.endswith('bias'))))
+
+
 def resolve_block_indices(indices: Union[int, Sequence[int]], num_layers: int,
                           name: str) -> Tuple[int, ...]:
     """Block indices (negative ones counted from the end) -> sorted

@@ -19,7 +19,7 @@ from mmengine.model import BaseModule
 from torch import Tensor
 
 from mmseg.registry import MODELS
-from ..backbones.slots import AdapterSlots
+from ..backbones.slots import TRAINABLE_MODES, AdapterSlots, set_trainable
 from ..clip_checkpoint import read_clip_checkpoint
 from ..structures import TextFeatures
 
@@ -27,7 +27,6 @@ from ..structures import TextFeatures
 TEXT_KEY_PREFIXES = ('token_embedding.', 'positional_embedding',
                      'transformer.', 'ln_final.', 'text_projection')
 
-TRAINABLE_MODES = ('frozen', 'ln_bias', 'full')
 
 # text_cfg options of open_clip that this encoder does not implement.
 _UNSUPPORTED_TEXT_CFG = dict(
@@ -312,19 +311,7 @@ class OpenCLIPTextEncoder(BaseModule):
     # ------------------------------------------------------------------
     # trainability
     def _set_trainable(self) -> None:
-        if self.trainable == 'full':
-            self.requires_grad_(True)
-            return
-        self.requires_grad_(False)
-        if self.trainable == 'ln_bias':
-            for module in self.modules():
-                if isinstance(module, nn.LayerNorm):
-                    for param in module.parameters(recurse=False):
-                        param.requires_grad_(True)
-            for name, param in self.named_parameters():
-                if name.endswith('bias'):
-                    param.requires_grad_(True)
-        self.adapters.requires_grad_(True)  # adapters always train
+        set_trainable(self, self.trainable)  # adapters always train
         if self.train_pos_embed:
             self.positional_embedding.requires_grad_(True)
 
