@@ -70,3 +70,5 @@ default_hooks = dict(
     logger=dict(interval=10),
     checkpoint=dict(interval=5, max_keep_ckpts=2))
 randomness = dict(seed=0)
+# draw the 112 px pictures three times larger (336 px panels)
+visualizer = dict(min_size=336)

@@ -200,3 +200,28 @@ def test_default_runtime_uses_refer_visualizer(tmp_path):
     vis = VISUALIZERS.build(vis_cfg)
     assert isinstance(vis, ReferSegVisualizer)
     assert vis.dataset_meta['classes'] == ['background', 'object']
+
+
+def test_small_images_are_enlarged_to_min_size():
+    img, pred = gradient_image(), box_mask()  # 40 x 60
+    gt = np.zeros((H, W), np.int64)
+    gt[5:20, 5:30] = 1
+    plain = new_visualizer().draw_sample(img, make_sample(pred, gt))
+    big = new_visualizer(min_size=100).draw_sample(img, make_sample(pred, gt))
+    k = 3  # the smallest integer factor taking 40 px to >= 100
+    band = big.shape[0] - k * H
+    assert big.shape == (band + k * H, 2 * k * W, 3)
+    # every pixel of the panels becomes a k x k block of the same colour
+    small = plain[plain.shape[0] - H:]
+    assert np.array_equal(big[band:], small.repeat(k, 0).repeat(k, 1))
+    # the sentence band is written for the enlarged width, with the font
+    # of an enlarged panel
+    from mmseg_sera.visualization.refer_visualizer import _font
+    texts = ['the red circle', 'left: ground truth, right: prediction']
+    assert np.array_equal(big[:band], text_band(
+        2 * k * W, texts, font_scale=_font(k * W)[0]))
+    # already large enough: unchanged
+    same = new_visualizer(min_size=40).draw_sample(img, make_sample(pred, gt))
+    assert np.array_equal(same, plain)
+    with pytest.raises(ValueError, match='min_size'):
+        new_visualizer(min_size=-1)
