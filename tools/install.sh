@@ -42,7 +42,9 @@ step() {
   while kill -0 "$pid" 2>/dev/null; do
     sleep 1
     if [ "$SECONDS" -ge "$next" ] && kill -0 "$pid" 2>/dev/null; then
-      log "  ... $(elapsed $((SECONDS - start)))${progress:+, $($progress)}"
+      local text=""
+      if [ -n "$progress" ]; then text="$($progress 2>/dev/null || true)"; fi
+      log "  ... $(elapsed $((SECONDS - start)))${text:+, $text}"
       next=$((SECONDS + HEARTBEAT))
     fi
   done
