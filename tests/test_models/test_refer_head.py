@@ -347,3 +347,22 @@ def test_mmseg_dice_alone_is_wrong_for_one_channel():
     assert (direct - dice(t)).abs() > 1e-3
     ours = _head().loss_by_feat(logits, _samples(lab))['loss_dice']
     torch.testing.assert_close(ours, dice(t))
+
+
+def test_coord_conv_gives_the_map_its_coordinates():
+    """``coord_conv=True``: x + CBR(CBR([x, x-grid, y-grid])) before the
+    decoder; the same features at two places of the map then differ."""
+    head = _head(num_decoder_layers=0, coord_conv=True).eval()
+    assert head.coord_conv[0].conv.in_channels == D + 2
+    seen = []
+    head.upsample = lambda x: seen.append(x) or torch.zeros(
+        x.shape[0], C, 12, 20)
+    x = torch.randn(1, D, 1, 1).expand(1, D, 3, 5).contiguous()  # constant
+    head((x, ), _text(1))
+    grid = torch.stack([torch.linspace(-1, 1, 5).expand(3, 5),
+                        torch.linspace(-1, 1, 3)[:, None].expand(3, 5)])
+    expected = x + head.coord_conv(torch.cat([x, grid[None]], dim=1))
+    torch.testing.assert_close(seen[0], expected)
+    assert not torch.allclose(seen[0][..., 0, 0], seen[0][..., 2, 4])
+    # off by default: no parameters, the map passes unchanged
+    assert _head().coord_conv is None

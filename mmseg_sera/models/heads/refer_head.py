@@ -28,6 +28,7 @@ from mmseg.models.losses import CrossEntropyLoss, DiceLoss
 from mmseg.models.utils import resize
 from mmseg.registry import MODELS
 from mmseg.utils import ConfigType, SampleList
+from ..necks.hierarchical_align import add_coord_channels, conv_norm_act
 from ..position import sine_position_1d, sine_position_2d
 from ..structures import TextFeatures
 
@@ -497,6 +498,11 @@ class ReferHead(BaseReferHead):
             costs 0.64 s per CPU training step at batch 2, about 14 % of a
             frozen DINOv2-B forward (docs/benchmarks.md).
         decoder_text_pos: add a 1-D sine code to the word keys.
+        coord_conv: before the decoder, ``x = x + CBR_3x3(CBR_3x3([x,
+            x-grid, y-grid]))`` with grids ``linspace(-1, 1)`` over the map
+            (the CoordConv of the CRIS-lineage neck, residual as in DETRIS),
+            so the stride-14 map carries its own coordinates. Off by
+            default.
         in_stride / out_stride: input map stride (patch 14) and logit
             stride (4); upsampling factor r = in_stride / out_stride.
         up_channels: widths of the upsampling steps' convs, one per step
@@ -529,6 +535,7 @@ class ReferHead(BaseReferHead):
                  decoder_dropout: float = 0.1,
                  decoder_attn_dropout: Optional[float] = None,
                  decoder_text_pos: bool = True,
+                 coord_conv: bool = False,
                  in_stride: int = 14,
                  out_stride: int = 4,
                  up_channels: Optional[Sequence[int]] = None,
@@ -572,6 +579,12 @@ class ReferHead(BaseReferHead):
         d = self.in_channels
         self.in_stride = in_stride
         self.out_stride = out_stride
+        self.coord_conv = None
+        if coord_conv:
+            self.coord_conv = nn.Sequential(
+                conv_norm_act(d + 2, d, 3, norm_cfg=norm_cfg,
+                              act_cfg=act_cfg),
+                conv_norm_act(d, d, 3, norm_cfg=norm_cfg, act_cfg=act_cfg))
         self.decoder = None
         if num_decoder_layers > 0:
             self.decoder = VLDecoder(
@@ -630,6 +643,8 @@ class ReferHead(BaseReferHead):
         -> logits B x 1 x H' x W' (stride ``out_stride``)."""
         x = self._select(inputs)
         self._check_text(x, text, tokens=self.decoder is not None)
+        if self.coord_conv is not None:
+            x = x + self.coord_conv(add_coord_channels(x))
         if self.decoder is not None:
             x = self.decoder(x, text)
         x = self.upsample(x)
