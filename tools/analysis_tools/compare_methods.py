@@ -33,7 +33,8 @@ KEYS = ('mIoU', 'oIoU', 'Pr@0.5', 'mIoU_attribute', 'mIoU_position',
 
 def _run(cmd: List[str], log: str) -> None:
     with open(log, 'w') as f:
-        proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.run(cmd, cwd=ROOT, stdout=f,
+                              stderr=subprocess.STDOUT)
     if proc.returncode != 0:
         with open(log) as f:
             tail = f.read()[-3000:]

@@ -55,8 +55,8 @@ class ReferResizePad(BaseTransform):
 
     H x W in [0, 1], resized bilinearly to the image's (h', w')
     (``mmcv.imresize``, half-pixel centres, no antialiasing) and padded
-    with 0 like the image. It joins ``seg_fields`` (a later flip mirrors it) and
-    :class:`PackReferSegInputs` packs it as ``gt_soft_mask``; the heads
+    with 0 like the image. It joins ``seg_fields`` (a later flip mirrors
+    it) and :class:`PackReferSegInputs` packs it as ``gt_soft_mask``; the heads
     train on it when present (``BaseReferHead.loss_by_feat``).
 
     Metainfo written (mmseg conventions, so ``BaseSegmentor.
