@@ -56,8 +56,8 @@ class ReferResizePad(BaseTransform):
     H x W in [0, 1], resized bilinearly to the image's (h', w')
     (``mmcv.imresize``, half-pixel centres, no antialiasing) and padded
     with 0 like the image. It joins ``seg_fields`` (a later flip mirrors
-    it) and :class:`PackReferSegInputs` packs it as ``gt_soft_mask``; the heads
-    train on it when present (``BaseReferHead.loss_by_feat``).
+    it) and :class:`PackReferSegInputs` packs it as ``gt_soft_mask``; the
+    heads train on it when present (``BaseReferHead.loss_by_feat``).
 
     Metainfo written (mmseg conventions, so ``BaseSegmentor.
     postprocess_result`` maps predictions back to the original size by
