@@ -11,6 +11,7 @@ from mmengine.config import DictAction
 from mmengine.runner import Runner
 
 from mmseg_sera.apis.config import load_run_config  # registers components
+from mmseg_sera.engine import close_process_group
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -72,11 +73,15 @@ def main(argv=None) -> None:
                 evaluator['out_file'] = osp.join(args.out,
                                                  'per_expression.json')
     runner = Runner.from_cfg(cfg)
-    metrics = runner.test()
-    if args.out is not None and runner.rank == 0:
-        os.makedirs(args.out, exist_ok=True)
-        with open(osp.join(args.out, 'metrics.json'), 'w') as f:
-            json.dump({k: float(v) for k, v in metrics.items()}, f, indent=1)
+    try:
+        metrics = runner.test()
+        if args.out is not None and runner.rank == 0:
+            os.makedirs(args.out, exist_ok=True)
+            with open(osp.join(args.out, 'metrics.json'), 'w') as f:
+                json.dump({k: float(v) for k, v in metrics.items()}, f,
+                          indent=1)
+    finally:
+        close_process_group()
 
 
 if __name__ == '__main__':

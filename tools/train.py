@@ -12,6 +12,7 @@ from mmengine.logging import print_log
 from mmengine.runner import Runner
 
 from mmseg_sera.apis.config import load_run_config  # registers components
+from mmseg_sera.engine import close_process_group
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -63,7 +64,10 @@ def main(argv=None) -> None:
         enable_amp(cfg)
     cfg.resume = args.resume
     runner = Runner.from_cfg(cfg)
-    runner.train()
+    try:
+        runner.train()
+    finally:
+        close_process_group()
 
 
 if __name__ == '__main__':

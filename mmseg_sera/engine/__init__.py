@@ -1,4 +1,5 @@
-from .compat import adapt_dist_cfg, register_checkpoint_safe_globals
+from .compat import (adapt_dist_cfg, close_process_group,
+                     register_checkpoint_safe_globals)
 from .cpu_plan import CPUPlan, apply_cpu_plan, plan_cpu_resources
 from .hooks import ExpertUtilisationHook, RNGStateHook
 from .optimizers import CPUAmpOptimWrapper
@@ -7,7 +8,8 @@ from .routing import RoutingRecord, RoutingRecorder
 register_checkpoint_safe_globals()
 
 __all__ = [
-    'adapt_dist_cfg', 'register_checkpoint_safe_globals', 'RNGStateHook',
+    'adapt_dist_cfg', 'close_process_group',
+    'register_checkpoint_safe_globals', 'RNGStateHook',
     'ExpertUtilisationHook', 'RoutingRecord', 'RoutingRecorder',
     'CPUAmpOptimWrapper', 'CPUPlan', 'apply_cpu_plan', 'plan_cpu_resources'
 ]

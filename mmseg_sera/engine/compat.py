@@ -11,6 +11,10 @@
   :func:`adapt_dist_cfg` switches to ``gloo``, drops the device ids and, for
   the ``pytorch`` launcher, initialises the process group itself (MMEngine
   then skips its own initialisation).
+* MMEngine never destroys the process group; a gloo group left to the
+  interpreter's exit sometimes aborts a rank ("terminate called without an
+  active exception") after the run has finished. :func:`close_process_group`
+  ends it explicitly (``tools/train.py``, ``tools/test.py``).
 """
 import os
 import pickle
@@ -99,3 +103,11 @@ def adapt_dist_cfg(cfg) -> None:
             backend=dist_cfg['backend'],
             rank=int(os.environ['RANK']),
             world_size=int(os.environ['WORLD_SIZE']))
+
+
+def close_process_group() -> None:
+    """Destroy the default process group if one is up (after the run, so
+    that no rank aborts while its communication threads are torn down at
+    exit)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
