@@ -128,21 +128,20 @@ def test_detris_b_model(detris_b):
     assert mean == pytest.approx([122.7709383, 116.7460125, 104.09373615])
 
 
-def test_detris_b_trains_only_its_adapters_neck_and_head(detris_b):
-    """One step at 112 px with soft targets: finite loss; gradients reach
-    the adapters, the neck and the head, never the frozen towers."""
-    torch.manual_seed(0)
-    model = detris_b.train()
+def _soft_target_step(model, size: int) -> set:
+    """One training step on two random samples of ``size`` px with soft
+    targets: only ``loss_mask``, finite; returns the names of the
+    parameters that got a gradient (then cleared)."""
     samples = []
     for text in ('the man on the left', 'a red umbrella'):
-        s = SegDataSample(metainfo=dict(text=text, ori_shape=(112, 112),
-                                        img_shape=(112, 112),
-                                        pad_shape=(112, 112)))
+        shape = (size, size)
+        s = SegDataSample(metainfo=dict(text=text, ori_shape=shape,
+                                        img_shape=shape, pad_shape=shape))
         s.gt_sem_seg = PixelData(
-            data=torch.randint(0, 2, (1, 112, 112), dtype=torch.uint8))
-        s.set_field(PixelData(data=torch.rand(1, 112, 112)), 'gt_soft_mask')
+            data=torch.randint(0, 2, (1, *shape), dtype=torch.uint8))
+        s.set_field(PixelData(data=torch.rand(1, *shape)), 'gt_soft_mask')
         samples.append(s)
-    inputs = [torch.randint(0, 256, (3, 112, 112), dtype=torch.uint8)
+    inputs = [torch.randint(0, 256, (3, size, size), dtype=torch.uint8)
               for _ in samples]
     data = model.data_preprocessor(dict(inputs=inputs, data_samples=samples),
                                    training=True)
@@ -152,6 +151,15 @@ def test_detris_b_trains_only_its_adapters_neck_and_head(detris_b):
     losses['loss_mask'].backward()
     grads = {n for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
+    return grads
+
+
+def test_detris_b_trains_only_its_adapters_neck_and_head(detris_b):
+    """One step at 112 px with soft targets: finite loss; gradients reach
+    the adapters, the neck and the head, never the frozen towers."""
+    torch.manual_seed(0)
+    model = detris_b.train()
+    grads = _soft_target_step(model, 112)
     frozen = [n for n in grads if n.startswith(('backbone.', 'text_encoder.'))
               and '.adapters.' not in n]
     assert frozen == []
@@ -316,25 +324,7 @@ def test_etris_b_trains_only_bridge_position_tables_neck_and_head(etris_b):
     assert tower == {'backbone.positional_embedding',
                      'text_encoder.positional_embedding'}
     torch.manual_seed(0)
-    samples = []
-    for text in ('the man on the left', 'a red umbrella'):
-        s = SegDataSample(metainfo=dict(text=text, ori_shape=(128, 128),
-                                        img_shape=(128, 128),
-                                        pad_shape=(128, 128)))
-        s.gt_sem_seg = PixelData(
-            data=torch.randint(0, 2, (1, 128, 128), dtype=torch.uint8))
-        s.set_field(PixelData(data=torch.rand(1, 128, 128)), 'gt_soft_mask')
-        samples.append(s)
-    inputs = [torch.randint(0, 256, (3, 128, 128), dtype=torch.uint8)
-              for _ in samples]
-    data = model.data_preprocessor(dict(inputs=inputs, data_samples=samples),
-                                   training=True)
-    losses = model(**data, mode='loss')
-    assert set(k for k in losses if k.startswith('loss')) == {'loss_mask'}
-    assert torch.isfinite(losses['loss_mask'])
-    losses['loss_mask'].backward()
-    grads = {n for n, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad(set_to_none=True)
+    grads = _soft_target_step(model, 128)
     assert grads <= trainable
     assert tower <= grads
     for prefix in ('backbone.adapters.bridge.stages.0.',
