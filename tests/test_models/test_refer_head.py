@@ -355,7 +355,7 @@ def test_coord_conv_gives_the_map_its_coordinates():
     head = _head(num_decoder_layers=0, coord_conv=True).eval()
     assert head.coord_conv[0].conv.in_channels == D + 2
     seen = []
-    head.upsample = lambda x: seen.append(x) or torch.zeros(
+    head.upsample = lambda x, *_: seen.append(x) or torch.zeros(
         x.shape[0], C, 12, 20)
     x = torch.randn(1, D, 1, 1).expand(1, D, 3, 5).contiguous()  # constant
     head((x, ), _text(1))

@@ -4,9 +4,11 @@ Pipeline (B batch, d input width, C ``channels``, h x w the stride-14 grid,
 H' x W' the stride-4 grid, L words)::
 
     feats (tuple of B x d x h x w) --select/concat--> V: B x d x h x w
-    V --[VL decoder layers, optional]--> B x d x h x w
+    V --[refine blocks, optional ('neck')]--> B x d x h x w
+    --[VL decoder layers, optional]--> B x d x h x w
         (pixels attend to words; cheap at the low resolution h x w)
-    --> 2x steps (bilinear + Conv3x3-BN-ReLU), last step to H' x W'
+    --> 2x steps (bilinear + Conv3x3-BN-ReLU [+ refine blocks, 'up']),
+        last step to H' x W'
     --> Conv1x1 -> X: B x C x H' x W'
     sentence s: B x Cp --Linear--> per-sample kernel K_b (C x k x k), bias b_b
     logits_b = conv2d(X_b, K_b, padding=k//2) + b_b        -> B x 1 x H' x W'
@@ -156,17 +158,23 @@ class TextDynamicProjector(nn.Module):
 
 def upsample_steps(x: Tensor, convs: Sequence[nn.Module],
                    sizes: Sequence[Tuple[int, int]], *,
-                   align_corners: bool) -> Tensor:
+                   align_corners: bool,
+                   refine: Optional[Sequence[nn.Module]] = None,
+                   state: Optional[Tensor] = None) -> Tensor:
     """The 2x path of the mask heads: for each step i,
-    ``x = conv_i(bilinear_resize(x, sizes[i]))``.
+    ``x = conv_i(bilinear_resize(x, sizes[i]))``, then
+    ``x = refine_i(x, state)`` when ``refine`` is given (one block per
+    step; ``state`` the pooled sentence).
 
     x: B x C x h x w -> B x C' x sizes[-1] (``x`` itself with no steps).
     """
-    for conv, size in zip(convs, sizes):
+    for i, (conv, size) in enumerate(zip(convs, sizes)):
         x = conv(
             F.interpolate(
                 x, size=tuple(size), mode='bilinear',
                 align_corners=align_corners))
+        if refine is not None:
+            x = refine[i](x, state)
     return x
 
 
@@ -178,6 +186,7 @@ DEFAULT_LOSSES = (
 )
 
 _LOSS_AT = ('gt', 'logits')
+_REFINE_AT = ('neck', 'up')
 
 #: data-sample field of the optional soft target (float 1 x H x W in [0, 1];
 #: ``ReferResizePad(mask_interp='bilinear')`` writes it)
@@ -383,9 +392,15 @@ class BaseReferHead(BaseDecodeHead):
         it is resized like the labels and becomes the target y of the
         ``CrossEntropyLoss`` terms (sigmoid BCE with fractional targets,
         ``-[y log p + (1 - y) log(1 - p)]``, p = sigmoid(logit)) and of the
-        ``DiceLoss`` terms (soft Dice). Pixels where ``gt_sem_seg`` is
+        ``DiceLoss`` terms (soft Dice), and of every loss whose class sets
+        ``accepts_soft_targets = True`` (``RAFLoss``: the float target with
+        ``ignore_index`` at ignored pixels). Pixels where ``gt_sem_seg`` is
         ``ignore_index`` stay ignored; other loss types and ``acc_seg``
         keep the binary labels.
+
+        A loss may return a dict of terms (``RAFLoss``): its keys go into
+        the result as they are (summed with equal keys), so each term is
+        logged and mmengine adds every ``loss_*`` key to the total.
 
         Raises:
             ValueError: a valid label is not 0 or 1; see also
@@ -434,7 +449,8 @@ class BaseReferHead(BaseDecodeHead):
                 value = loss_decode(
                     masked_logits, dice_target, weight=None,
                     ignore_index=self.ignore_index)
-            elif isinstance(loss_decode, CrossEntropyLoss):
+            elif isinstance(loss_decode, CrossEntropyLoss) or getattr(
+                    loss_decode, 'accepts_soft_targets', False):
                 value = loss_decode(
                     seg_logits, bce_label, weight=None,
                     ignore_index=self.ignore_index)
@@ -442,8 +458,10 @@ class BaseReferHead(BaseDecodeHead):
                 value = loss_decode(
                     seg_logits, seg_label, weight=None,
                     ignore_index=self.ignore_index)
-            name = loss_decode.loss_name
-            out[name] = out[name] + value if name in out else value
+            if not isinstance(value, dict):  # one term, named by the loss
+                value = {loss_decode.loss_name: value}
+            for name, term in value.items():
+                out[name] = out[name] + term if name in out else term
 
         with torch.no_grad():
             pred = seg_logits.squeeze(1).sigmoid() > self.threshold
@@ -503,6 +521,18 @@ class ReferHead(BaseReferHead):
             (the CoordConv of the CRIS-lineage neck, residual as in DETRIS),
             so the stride-14 map carries its own coordinates. Off by
             default.
+        refine_cfg: SegVLM refinement (PEERS.md 4.5), off with ``None``:
+            the config of a map block ``(x: B x c x h x w, state = pooled
+            sentence) -> B x c x h x w`` built once per place in
+            ``refine_at`` with ``channels`` = c of that map; ``type``
+            defaults to ``SegVLMRefineBlock`` (N = ``num_blocks``
+            DeformableRefine + SE + residual), ``text_dims`` to
+            ``pooled_dims``. Every block gets ``text.pooled``; blocks
+            without text conditioning ignore it.
+        refine_at: where the refine blocks go, one or both of
+            ``'neck'`` (on the input map, after ``coord_conv`` and before
+            the decoder, c = d) and ``'up'`` (after each upsampling conv,
+            c = that step's width: strides 7 and 4 by default).
         in_stride / out_stride: input map stride (patch 14) and logit
             stride (4); upsampling factor r = in_stride / out_stride.
         up_channels: widths of the upsampling steps' convs, one per step
@@ -536,6 +566,8 @@ class ReferHead(BaseReferHead):
                  decoder_attn_dropout: Optional[float] = None,
                  decoder_text_pos: bool = True,
                  coord_conv: bool = False,
+                 refine_cfg: Optional[ConfigType] = None,
+                 refine_at: Union[str, Sequence[str]] = 'neck',
                  in_stride: int = 14,
                  out_stride: int = 4,
                  up_channels: Optional[Sequence[int]] = None,
@@ -615,6 +647,35 @@ class ReferHead(BaseReferHead):
         self.projector = TextDynamicProjector(
             channels=channels, text_dims=pooled_dims,
             kernel_size=kernel_size)
+        # built last: with or without them, the layers above draw the same
+        # initial weights for a given seed
+        self.refine_in = self.refine_up = None
+        if refine_cfg is not None:
+            places = ((refine_at, ) if isinstance(refine_at, str) else
+                      tuple(refine_at))
+            unknown = set(places) - set(_REFINE_AT)
+            if not places or unknown:
+                raise ValueError(
+                    f'ReferHead: refine_at must name one or more of '
+                    f'{_REFINE_AT}, got {refine_at!r}')
+            if 'neck' in places:
+                self.refine_in = self._build_refine(refine_cfg, d)
+            if 'up' in places:
+                if not num_steps:
+                    raise ValueError(
+                        "ReferHead: refine_at='up' needs upsampling steps "
+                        f'(in_stride={in_stride}, out_stride={out_stride})')
+                self.refine_up = nn.ModuleList(
+                    self._build_refine(refine_cfg, c) for c in widths)
+
+    def _build_refine(self, cfg: ConfigType, channels: int) -> nn.Module:
+        cfg = dict(cfg)
+        if 'channels' in cfg:
+            raise ValueError('ReferHead: refine_cfg must not set channels '
+                             '(each block takes the width of its map)')
+        cfg.setdefault('type', 'SegVLMRefineBlock')
+        cfg.setdefault('text_dims', self.pooled_dims)
+        return MODELS.build(dict(cfg, channels=channels))
 
     # ------------------------------------------------------------------
     def output_size(self, height: int, width: int) -> Tuple[int, int]:
@@ -624,9 +685,11 @@ class ReferHead(BaseReferHead):
         return (int(math.floor(height * ratio + 0.5)),
                 int(math.floor(width * ratio + 0.5)))
 
-    def upsample(self, x: Tensor) -> Tensor:
+    def upsample(self, x: Tensor, pooled: Optional[Tensor] = None) -> Tensor:
         """B x d x h x w -> B x C x H' x W': 2x bilinear + Conv3x3-BN-ReLU
-        steps, the last one resizing to exactly H' x W', then Conv1x1."""
+        steps (each followed by its refine block with ``refine_at='up'``,
+        which gets ``pooled``), the last one resizing to exactly H' x W',
+        then Conv1x1."""
         h, w = x.shape[-2:]
         n = len(self.up_convs)
         sizes = [(h * 2**(i + 1), w * 2**(i + 1)) for i in range(n - 1)]
@@ -634,7 +697,8 @@ class ReferHead(BaseReferHead):
             sizes.append(self.output_size(h, w))
         return self.visual_proj(
             upsample_steps(x, self.up_convs, sizes,
-                           align_corners=self.align_corners))
+                           align_corners=self.align_corners,
+                           refine=self.refine_up, state=pooled))
 
     def forward(self, inputs: Union[Tensor, Sequence[Tensor]],
                 text: TextFeatures) -> Tensor:
@@ -645,9 +709,11 @@ class ReferHead(BaseReferHead):
         self._check_text(x, text, tokens=self.decoder is not None)
         if self.coord_conv is not None:
             x = x + self.coord_conv(add_coord_channels(x))
+        if self.refine_in is not None:
+            x = self.refine_in(x, text.pooled)
         if self.decoder is not None:
             x = self.decoder(x, text)
-        x = self.upsample(x)
+        x = self.upsample(x, text.pooled)
         if self.dropout is not None:
             x = self.dropout(x)
         return self.projector(x, text.pooled)
