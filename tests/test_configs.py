@@ -14,9 +14,12 @@ from mmseg.structures import SegDataSample
 import mmseg_sera  # noqa: F401
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
+# the referring-segmentation configs (configs/spectralmoe/ holds semantic
+# segmentation models: tests/test_configs_spectralmoe.py)
 CONFIGS = sorted(
     f for f in glob.glob(osp.join(REPO, 'configs', '**', '*.py'),
-                         recursive=True) if '/_base_/' not in f)
+                         recursive=True)
+    if '/_base_/' not in f and '/spectralmoe/' not in f)
 PAPER = osp.join(REPO, 'configs', 'sera',
                  'sera_dinov2-b14-reg4_clip-b16_1xb16-50e_refcoco-448x448.py')
 ABLATION = osp.join(REPO, 'configs', 'sera', 'ablation')
@@ -28,7 +31,8 @@ def test_config_loads(path):
     assert cfg.default_scope == 'mmseg'
     assert 'mmseg_sera' in cfg.custom_imports['imports']
     assert cfg.model.type == 'ReferringEncoderDecoder'
-    assert cfg.train_dataloader.dataset.type == 'RefCocoDataset'
+    assert cfg.train_dataloader.dataset.type in ('RefCocoDataset',
+                                                 'PhraseCutDataset')
     assert cfg.val_evaluator.type == 'ReferSegMetric'
 
 
@@ -89,6 +93,7 @@ def test_paper_model_trains_under_one_percent_of_the_backbone():
     ('sera-baseline_dinov2-tiny', 0, 0, None),
     ('sera-adapter_dinov2-tiny', 2, 0, None),
     ('sera-text-blind_dinov2-tiny', 2, 4, 4),
+    ('sera-laplace_dinov2-tiny', 2, 4, 4),
 ])
 def test_ablation_models(name, adapters, experts, top_k):
     path, = glob.glob(osp.join(ABLATION, name + '*.py'))
@@ -117,3 +122,14 @@ def test_text_blind_control_gives_every_sample_one_sentence():
         assert [t['type'] for t in steps] == [t['type'] for t in ref]
     assert cfg.model == full.model
     assert cfg.train_cfg == full.train_cfg
+
+
+def test_laplace_router_ablation_changes_only_the_router_logits():
+    path, = glob.glob(osp.join(ABLATION, 'sera-laplace_*.py'))
+    cfg = Config.fromfile(path)
+    full = Config.fromfile(osp.join(
+        REPO, 'configs', 'sera',
+        'sera_dinov2-tiny_clip-tiny_1xb16-50e_synthetic-112x112.py'))
+    assert cfg.model.neck.pop('logit_fn') == 'laplace'
+    assert cfg.model == full.model
+    assert _build(path).neck.router.logit_fn == 'laplace'

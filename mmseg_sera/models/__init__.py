@@ -1,5 +1,5 @@
-from . import (adapters, backbones, heads, moe, necks, segmentors,  # noqa: F401
-               text_encoders)
+from . import (adapters, backbones, heads, losses, moe, necks,  # noqa: F401
+               segmentors, text_encoders)
 from .structures import (AdapterOutput, BackboneOutput, NeckOutput,
                          TextFeatures, merge_losses)
 

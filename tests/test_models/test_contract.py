@@ -29,6 +29,8 @@ from mmseg.structures import SegDataSample
 from torch import Tensor
 
 import mmseg_sera  # noqa: F401  (registers the components)
+from mmseg_sera.models.adapters.spectral_moe import tie_shared_parts
+from mmseg_sera.models.backbones import BackboneFeatures
 from mmseg_sera.models.moe.router import RouterOutput
 from mmseg_sera.models.structures import (AdapterOutput, BackboneOutput,
                                           NeckOutput, TextFeatures)
@@ -60,6 +62,8 @@ class Case:
         no_grad: ``(module, outputs) -> names`` of trainable parameters that
             legitimately get no gradient for this input.
         train: module mode during the forward.
+        parameter_free: the component has no parameters (a loss); its
+            outputs then carry no graph.
     """
     id: str
     cfg: dict
@@ -68,6 +72,7 @@ class Case:
     trainable: Optional[Callable[[nn.Module], Set[str]]] = None
     no_grad: Callable[[nn.Module, Any], Set[str]] = lambda m, out: set()
     train: bool = True
+    parameter_free: bool = False
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -301,6 +306,47 @@ TEXT_ADAPTER_CASES = [
     Case('default',
          dict(type='DETRISTextAdapter', embed_dims=24, hidden_dims=16),
          _run_on(_maps(2, 6, 24)), _check_shape((2, 6, 24))),
+]
+
+
+# --------------------------------------------------------------------------
+# SpectralMoE (routed low-rank token experts, a second modality)
+# --------------------------------------------------------------------------
+SMOE_CFG = dict(type='SpectralMoEAdapter', embed_dims=24, num_experts=3,
+                token_length=6, rank=4, text_dims=16)
+SMOE_X = _maps(2, 20, 24)
+
+
+def _check_smoe(m, out):
+    assert isinstance(out, AdapterOutput)
+    assert out.tokens.shape == SMOE_X.shape
+    assert out.routing.shape == (2, 20, 3)  # per token, visual router
+    assert set(out.aux_losses) == {'loss_moe_balance'}
+    assert out.aux_losses['loss_moe_balance'].ndim == 0
+
+
+def _run_smoe_released(m):
+    tie_shared_parts(m)  # the owner of its own shared parts: no warning
+    return m(SMOE_X, hw=(4, 5), second=_maps(2, 20, 24, seed=1))
+
+
+SMOE_CASES = [
+    Case('text', SMOE_CFG,
+         lambda m: m(SMOE_X, hw=(4, 5), text=_text(dims=16)), _check_smoe),
+    # Without a sentence the second router and projection do not run.
+    Case('no-text', SMOE_CFG, lambda m: m(SMOE_X, hw=(4, 5)), _check_smoe,
+         no_grad=lambda m, out: _names_under(m, 'second_router.')
+         | _names_under(m, 'shared.second_proj.')),
+    Case('released-second', dict(SMOE_CFG, released_compat=True),
+         _run_smoe_released, _check_smoe),
+]
+TOKEN_EXPERT_CASES = [
+    Case('top1',
+         dict(type='LowRankTokenExpert', embed_dims=24, num_experts=3,
+              token_length=6, rank=4),
+         lambda m: m(_maps(2, 5, 24), nn.Linear(24, 24),
+                     torch.randint(0, 3, (2, 5, 1), generator=_gen(2))),
+         _check_shape((2, 5, 1, 24))),
 ]
 
 
@@ -754,11 +800,157 @@ CRIS_HEAD_CASES = [
 ]
 
 
+# --------------------------------------------------------------------------
+# SegVLM parts (map blocks) and the RAF loss
+# --------------------------------------------------------------------------
+SEGVLM_X = _maps(2, 16, 3, 5)
+
+
+def _run_map_block(text: bool):
+    pooled = _text(pooled_dims=10).pooled
+    return lambda m: m(SEGVLM_X, pooled) if text else m(SEGVLM_X)
+
+
+def _check_identity_start(m, out):
+    assert out.shape == SEGVLM_X.shape
+    torch.testing.assert_close(out, SEGVLM_X, atol=0, rtol=0)
+
+
+SEGVLM_SE_CASES = [
+    Case('plain', dict(type='SegVLMSEBlock', channels=16, ratio=4),
+         _run_map_block(False), _check_cris_map(SEGVLM_X.shape)),
+    Case('text', dict(type='SegVLMSEBlock', channels=16, ratio=4,
+                      text_cond=True, text_dims=10),
+         _run_map_block(True), _check_cris_map(SEGVLM_X.shape)),
+    # zero-initialised W2 with the residual form: the identity at first
+    Case('zero-init-residual',
+         dict(type='SegVLMSEBlock', channels=16, ratio=4, zero_init=True,
+              residual=True),
+         _run_map_block(False), _check_identity_start),
+]
+DEFORMABLE_REFINE_CASES = [
+    Case('torchvision', dict(type='DeformableRefine', channels=16),
+         _run_map_block(False), _check_cris_map(SEGVLM_X.shape)),
+    Case('mmcv-text',
+         dict(type='DeformableRefine', channels=16, backend='mmcv',
+              text_cond=True, text_dims=10, text_channels=4,
+              se_text_cond=True),
+         _run_map_block(True), _check_cris_map(SEGVLM_X.shape)),
+]
+SEGVLM_REFINE_CASES = [
+    Case('two-text',
+         dict(type='SegVLMRefineBlock', channels=16, num_blocks=2,
+              text_cond=True, text_dims=10, text_channels=4),
+         _run_map_block(True), _check_cris_map(SEGVLM_X.shape)),
+]
+
+
+def _run_raf(m):
+    g = _gen(0)
+    target = torch.randint(0, 2, (2, 6, 7), generator=g)
+    target[0, :2] = 255
+    return m(torch.randn(2, 1, 6, 7, generator=g), target)
+
+
+def _check_raf(keys):
+
+    def check(m, out):
+        assert isinstance(out, dict) and set(out) == keys
+        for v in out.values():
+            assert v.ndim == 0 and torch.isfinite(v) and v >= 0
+
+    return check
+
+
+RAF_CASES = [
+    Case('default', dict(type='RAFLoss'), _run_raf,
+         _check_raf({'loss_raf_bce', 'loss_raf_focal', 'loss_raf_dice'}),
+         parameter_free=True),
+    Case('boundary-plain',
+         dict(type='RAFLoss', lambda_boundary=1.0, dice_mode='plain'),
+         _run_raf,
+         _check_raf({'loss_raf_bce', 'loss_raf_focal', 'loss_raf_dice',
+                     'loss_raf_boundary'}),
+         parameter_free=True),
+]
+
+
+# --------------------------------------------------------------------------
+# DualStreamDINOv2 (a frozen second tower feeding SpectralMoE adapters) and
+# BackboneAuxLossHead (its aux losses into a stock EncoderDecoder)
+# --------------------------------------------------------------------------
+def _dual_stream_cfg(released: bool = False, trainable: str = 'frozen'):
+    def tower(dims):
+        return dict(type='DINOv2', arch=dict(embed_dims=dims, num_layers=2,
+                                             num_heads=2, mlp_ratio=2),
+                    patch_size=7, img_size=28)
+
+    smoe = dict(type='SpectralMoEAdapter', insert=(0, 1), num_experts=3,
+                token_length=6, rank=4, num_layers=2, second_dims=16,
+                second_source='tokens', released_compat=released)
+    return dict(
+        type='DualStreamDINOv2',
+        backbone=dict(tower(24), in_channels=4, out_indices=(0, 1),
+                      adapters=[smoe], trainable=trainable),
+        second=tower(16),
+        second_bands=(2, 1, 0),
+        out_scales=(2, 1))
+
+
+def _run_dual_stream(m):
+    # the losses ride on the tuple; list them so that the router, whose
+    # only gradient with top-1 is the balance loss, is checked too
+    out = m(_maps(2, 4, 28, 28))
+    return dict(feats=out, aux_losses=out.aux_losses)
+
+
+def _check_dual_stream(m, out):
+    feats = out['feats']
+    assert isinstance(feats, BackboneFeatures) and isinstance(feats, tuple)
+    assert [tuple(f.shape) for f in feats] == [(2, 24, 8, 8), (2, 24, 4, 4)]
+    assert set(feats.aux_losses) == {'loss_moe_balance'}
+    assert sorted(feats.routing) == [0, 1]
+    assert m.block_map == {0: 0, 1: 1}
+
+
+DUAL_STREAM_CASES = [
+    # SpectralMoE's policy: both towers frozen, only the adapters train
+    Case('frozen', _dual_stream_cfg(), _run_dual_stream, _check_dual_stream,
+         trainable=lambda m: _names_under(m, 'backbone.adapters.')),
+    # released module (diag fusion: same 4 x 4 grid in both towers; shared
+    # W_tf / W_df / s tied by the wrapper), main tower fully trained
+    Case('released-full', _dual_stream_cfg(released=True, trainable='full'),
+         _run_dual_stream, _check_dual_stream,
+         trainable=lambda m: _names_under(m, 'backbone.')),
+]
+
+
+def _run_aux_head(m):
+    feats = BackboneFeatures(
+        [_maps(1, 2, 2, 2)],
+        aux_losses=dict(loss_moe_balance=torch.tensor(0.5),
+                        loss_other=torch.tensor(2.)))
+    return m.loss(feats, [], None)
+
+
+def _check_aux_head(m, out):
+    assert out == dict(loss_moe_balance=torch.tensor(0.25),
+                       loss_other=torch.tensor(1.))
+
+
+AUX_LOSS_HEAD_CASES = [
+    Case('carried', dict(type='BackboneAuxLossHead', loss_weight=0.5),
+         _run_aux_head, _check_aux_head, parameter_free=True),
+]
+
+
 CASES: Dict[str, List[Case]] = {
     'NoisyTopKRouter': ROUTER_CASES,
     'SoftRouter': SOFT_ROUTER_CASES,
     **EXPERT_CASES,
     'SERAAdapter': ADAPTER_CASES,
+    'SpectralMoEAdapter': SMOE_CASES,
+    'LowRankTokenExpert': TOKEN_EXPERT_CASES,
     'DenseMoC': DENSE_MOC_CASES,
     'DETRISDenseAligner': DENSE_ALIGNER_CASES,
     'DETRISTextAdapter': TEXT_ADAPTER_CASES,
@@ -773,6 +965,12 @@ CASES: Dict[str, List[Case]] = {
     'TextDynamicConvProjector': CRIS_PROJECTOR_CASES,
     'CRISHead': CRIS_HEAD_CASES,
     'ReferringEncoderDecoder': SEGMENTOR_CASES,
+    'SegVLMSEBlock': SEGVLM_SE_CASES,
+    'DeformableRefine': DEFORMABLE_REFINE_CASES,
+    'SegVLMRefineBlock': SEGVLM_REFINE_CASES,
+    'RAFLoss': RAF_CASES,
+    'DualStreamDINOv2': DUAL_STREAM_CASES,
+    'BackboneAuxLossHead': AUX_LOSS_HEAD_CASES,
 }
 
 
@@ -808,7 +1006,7 @@ def test_component_contract(name: str, case: Optional[Case]):
     module.train(case.train)
 
     all_params = dict(module.named_parameters())
-    assert all_params, f'{name} has no parameters'
+    assert all_params or case.parameter_free, f'{name} has no parameters'
     trainable = (set(all_params) if case.trainable is None else
                  case.trainable(module))
     assert trainable <= set(all_params)

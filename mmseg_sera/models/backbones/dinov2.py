@@ -16,11 +16,15 @@ with ``strict`` key checking::
 The block loop is written out in :meth:`DINOv2.forward_features`; adapters
 run between blocks (slot kind ``post_block``) or beside the MLP inside the
 second LayerScale (``parallel_mlp``), managed by
-:class:`~mmseg_sera.models.backbones.slots.AdapterSlots`. See
-``docs/backbone.md``.
+:class:`~mmseg_sera.models.backbones.slots.AdapterSlots`. A second
+modality's per-block tokens (``block_context``, e.g. a frozen second
+backbone's :meth:`DINOv2.block_tokens`) reach the ``post_block`` adapters as
+``second=``. See ``docs/backbone.md``.
 """
 import os.path as osp
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from contextlib import nullcontext
+from typing import (Callable, Dict, List, Mapping, Optional, Sequence, Tuple,
+                    Union)
 
 import torch
 import torch.nn as nn
@@ -205,6 +209,12 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.proj(x).flatten(2).transpose(1, 2)
+
+
+#: Second-modality tokens per block: one entry per block (None: nothing
+#: for that block), a {block index: tensor} mapping, or ``i -> tensor``.
+BlockContext = Union[Sequence[Optional[Tensor]], Mapping[int, Tensor],
+                     Callable[[int], Optional[Tensor]]]
 
 
 # --------------------------------------------------------------------------
@@ -519,6 +529,11 @@ class DINOv2(BaseModule):
         return self._embed_dims
 
     @property
+    def in_channels(self) -> int:
+        """Image channels (bands) the patch embedding takes."""
+        return self.patch_embed.proj.in_channels
+
+    @property
     def num_prefix_tokens(self) -> int:
         """Class token + register tokens before the patch tokens."""
         return 1 + self.num_register_tokens
@@ -589,6 +604,19 @@ class DINOv2(BaseModule):
                 f'Convert official/timm files with {CONVERTER} and check '
                 'arch / num_register_tokens.')
         for k, v in ckpt.items():
+            if (k == 'patch_embed.proj.weight' and v.ndim == 4
+                    and v.shape[1] != own[k].shape[1]):
+                # no silent inflation: which bands a pretrained RGB filter
+                # should see is the config's choice (e.g. a band selection
+                # in front of the backbone, DualStreamDINOv2's
+                # backbone_bands / second_bands)
+                raise ValueError(
+                    f'{path}: the checkpoint\'s patch embedding takes '
+                    f'{v.shape[1]} input bands, this backbone has '
+                    f'in_channels={own[k].shape[1]}; give the backbone '
+                    f'{v.shape[1]} bands (in_channels={v.shape[1]} and a '
+                    'band selection such as DualStreamDINOv2.backbone_bands'
+                    ') or train it without this checkpoint')
             if v.shape != own[k].shape:
                 raise ValueError(
                     f'{path}: {k} has shape {tuple(v.shape)}, the model '
@@ -744,10 +772,33 @@ class DINOv2(BaseModule):
         B, _, C = patches.shape
         return patches.transpose(1, 2).reshape(B, C, *hw).contiguous()
 
-    def forward_features(self,
-                         x: Tensor,
-                         text: Optional[TextFeatures] = None,
-                         text_stream=None) -> BackboneOutput:
+    def _context_fn(
+            self, block_context: Optional[BlockContext]
+    ) -> Callable[[int], Optional[Tensor]]:
+        """``block_context`` -> ``i -> second-modality tokens or None``."""
+        if block_context is None:
+            return lambda i: None
+        if callable(block_context):
+            return block_context
+        if isinstance(block_context, Mapping):
+            return block_context.get
+        if isinstance(block_context, (list, tuple)):
+            if len(block_context) != self.num_layers:
+                raise ValueError(
+                    f'block_context has {len(block_context)} entries, the '
+                    f'backbone {self.num_layers} blocks (one entry per '
+                    'block; None where a block gets none)')
+            return block_context.__getitem__
+        raise ValueError('block_context must be a sequence (one entry per '
+                         'block), a {block: tensor} mapping or a callable, '
+                         f'got {type(block_context).__name__}')
+
+    def forward_features(
+            self,
+            x: Tensor,
+            text: Optional[TextFeatures] = None,
+            text_stream=None,
+            block_context: Optional[BlockContext] = None) -> BackboneOutput:
         """Run the blocks with the adapter slots.
 
         Args:
@@ -756,6 +807,13 @@ class DINOv2(BaseModule):
             text_stream: a text stream from the text encoder's ``begin()``
                 (needed by a ``bridge``, e.g. ``ETRISBridger``); its blocks
                 run beside these (``slots.LockstepRun``).
+            block_context: a second modality's tokens per block, B x N2 x
+                C2 each (N2, C2 may differ from this backbone's): a
+                sequence with one entry per block (None for none), a
+                ``{block: tensor}`` mapping or ``i -> tensor``. The
+                ``post_block`` adapter of block i gets entry i as
+                ``second=``; blocks without an entry (or without such an
+                adapter) run as without it.
 
         Returns:
             ``BackboneOutput(feats, routing, aux_losses, text)``: the
@@ -765,6 +823,7 @@ class DINOv2(BaseModule):
         """
         tokens, hw = self.prepare_tokens(x)
         P = self.num_prefix_tokens
+        second_at = self._context_fn(block_context)
         run = self.adapters.start_lockstep(text_stream, num_prefix=P, hw=hw)
         last = self.out_indices[-1]
         feats: List[Tensor] = []
@@ -777,7 +836,8 @@ class DINOv2(BaseModule):
             tokens = self._run_block(i, tokens, parallel)
             # 'post_block': the patch tokens after block i
             tokens, out = self.adapters.run_post_block(
-                i, tokens, num_prefix=P, hw=hw, text=text)
+                i, tokens, num_prefix=P, hw=hw, text=text,
+                second=second_at(i))
             if out is not None:
                 if out.routing is not None:
                     routing[i] = out.routing
@@ -792,6 +852,40 @@ class DINOv2(BaseModule):
             feats=tuple(feats), routing=routing,
             aux_losses=merge_losses(*losses),
             text=None if run is None else run.finish())
+
+    def block_tokens(self, x: Tensor, *, num_blocks: Optional[int] = None,
+                     norm: bool = False) -> List[Tensor]:
+        """Patch tokens after each block, without any adapter.
+
+        For a frozen second backbone whose every block feeds the adapters
+        of another (SpectralMoE's depth stream). Prefix tokens (class,
+        registers) are dropped; ``norm`` applies the final LayerNorm to
+        each entry. With ``trainable='frozen'`` it runs under
+        ``torch.no_grad()`` (no graph is kept).
+
+        Args:
+            x: B x in_channels x H x W images.
+            num_blocks: run only the first ``num_blocks`` blocks (default
+                all).
+
+        Returns:
+            ``num_blocks`` tensors of B x (h*w) x C, entry i after block i.
+        """
+        L = self.num_layers if num_blocks is None else num_blocks
+        if not 1 <= L <= self.num_layers:
+            raise ValueError(f'num_blocks must be in 1..{self.num_layers}, '
+                             f'got {num_blocks}')
+        grad = torch.no_grad() if self.trainable == 'frozen' else \
+            nullcontext()
+        out: List[Tensor] = []
+        with grad:
+            tokens, _ = self.prepare_tokens(x)
+            P = self.num_prefix_tokens
+            for i in range(L):
+                tokens = self._run_block(i, tokens)
+                patches = tokens[:, P:]
+                out.append(self.norm(patches) if norm else patches)
+        return out
 
     def forward(self,
                 x: Tensor,

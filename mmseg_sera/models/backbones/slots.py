@@ -16,8 +16,12 @@ and for a CLIP text block j (no LayerScale), x the raw residual stream::
 =====================  ==================================================
 kind                   call and return value
 =====================  ==================================================
-``post_block``         ``A(patches, hw=(h, w), text=T)`` after block i;
-                       patches B x N x C -> :class:`AdapterOutput`
+``post_block``         ``A(patches, hw=(h, w), text=T[, second=S])``
+                       after block i; patches B x N x C, S the second
+                       modality's B x N2 x C2 tokens for block i (only
+                       when the tower is given some, see
+                       :meth:`AdapterSlots.run_post_block`)
+                       -> :class:`AdapterOutput`
 ``parallel_mlp``       ``A(h, hw=(h, w), text=T, num_prefix=P)`` beside
                        the MLP of block i, inside ``ls2``; h = LN2(z) of
                        all P + N tokens -> B x (P + N) x C
@@ -191,6 +195,7 @@ class AdapterSlots(ModuleDict):
         """Build every entry of ``cfgs`` (see the class docstring)."""
         if isinstance(cfgs, dict):
             cfgs = [cfgs]
+        classes = []
         for n, entry in enumerate(cfgs):
             if not isinstance(entry, dict):
                 raise ValueError(f'{self.owner}: adapters[{n}] must be a '
@@ -200,6 +205,7 @@ class AdapterSlots(ModuleDict):
                 raise ValueError(f'{self.owner}: adapters[{n}] has no '
                                  f"'type' ({entry})")
             cls = _adapter_class(cfg['type'], self.owner)
+            classes.append(cls)
             declared = getattr(cls, 'slot_kind', None)
             kind = cfg.pop('slot', declared)
             what = f'adapters[{n}] ({getattr(cls, "__name__", cls)})'
@@ -231,6 +237,12 @@ class AdapterSlots(ModuleDict):
                 continue
             for i in insert:
                 self.add(kind, i, cfg, scale=scale, what=what)
+        # a class whose instances share parts across blocks ties them here,
+        # once all are built (SpectralMoEAdapter: W_tf, W_df and s)
+        for cls in dict.fromkeys(classes):
+            hook = getattr(cls, 'after_slots_built', None)
+            if hook is not None:
+                hook(self)
 
     def _check_kind(self, kind: str) -> None:
         if kind not in SLOT_KINDS:
@@ -346,10 +358,17 @@ class AdapterSlots(ModuleDict):
 
     def run_post_block(
             self, i: int, tokens: Tensor, *, num_prefix: int,
-            hw: Tuple[int, int], text: Optional[TextFeatures]
+            hw: Tuple[int, int], text: Optional[TextFeatures],
+            second: Optional[Tensor] = None
     ) -> Tuple[Tensor, Optional[AdapterOutput]]:
         """Apply the ``post_block`` adapter of block i to the patch tokens
         of ``tokens`` (B x (P + N) x C); prefix tokens pass through.
+
+        ``second`` (B x N2 x C2, a second modality's tokens for block i,
+        e.g. a frozen depth backbone's block-i tokens) reaches the adapter
+        as ``second=`` only when it is not None, so adapters without that
+        argument (SERAAdapter) keep working; an adapter that needs it
+        decides what a missing one means.
 
         Returns the tokens and the adapter's output (None without one).
         """
@@ -357,7 +376,8 @@ class AdapterSlots(ModuleDict):
         if module is None:
             return tokens, None
         P = num_prefix
-        out: AdapterOutput = module(tokens[:, P:], hw=hw, text=text)
+        extra = {} if second is None else {'second': second}
+        out: AdapterOutput = module(tokens[:, P:], hw=hw, text=text, **extra)
         return torch.cat([tokens[:, :P], out.tokens], dim=1), out
 
     def start_lockstep(self, text_stream: Optional[Any], *,
