@@ -201,6 +201,30 @@ def test_cli_and_pretrained_init(tmp_path, capsys):
     assert str(src) in capsys.readouterr().err
 
 
+def test_encoder_of_a_depth_network(tmp_path, capsys):
+    """--prefix converts the DINOv2 encoder of a larger model (a
+    Depth-Anything style depth network: encoder under ``pretrained.``
+    beside ``depth_head.*``) and nothing else."""
+    ref = official()
+    sd = {'pretrained.' + k: v for k, v in ref.state_dict().items()}
+    sd['depth_head.projects.0.weight'] = torch.ones(4, 32, 1, 1)
+    src, dst = tmp_path / 'depth_anything.pth', tmp_path / 'ours.pth'
+    torch.save(sd, src)
+    # without the prefix the head's keys have no place in a DINOv2
+    with pytest.raises(SystemExit):
+        conv.main([str(src), str(dst)])
+    assert 'depth_head' in capsys.readouterr().err
+    assert conv.main([str(src), str(dst), '--prefix', 'pretrained.']) == 0
+    m = DINOv2(
+        arch=dict(embed_dims=32, num_layers=DEPTH, num_heads=2),
+        out_indices=tuple(range(DEPTH)),
+        init_cfg=dict(type='Pretrained', checkpoint=str(dst)))
+    m.init_weights()
+    assert_features(m.eval(), X, expected_official(ref, X))
+    with pytest.raises(ValueError, match="prefix 'encoder.'.*pretrained"):
+        conv.unwrap_checkpoint(sd, 'encoder.')
+
+
 def _fake(keys, C=8, grid=3):
     shapes = dict(cls_token=(1, 1, C), pos_embed=(1, 1 + grid * grid, C),
                   mask_token=(1, C), register_tokens=(1, 4, C),

@@ -59,13 +59,18 @@ _DROP_RE = re.compile(r'^(mask_token|head\..*)$')
 _CHUNK_RE = re.compile(r'^blocks\.(\d+)\.(\d+)\.(.*)$')
 
 
-def unwrap_checkpoint(ckpt: Dict) -> Dict[str, Tensor]:
+def unwrap_checkpoint(ckpt: Dict,
+                      prefix: Optional[str] = None) -> Dict[str, Tensor]:
     """Return the backbone state dict inside a loaded checkpoint.
 
     Accepts a plain state dict, or one wrapped in ``'model'``,
     ``'state_dict'`` or ``'teacher'`` (official training checkpoints, whose
     backbone keys start with ``backbone.`` beside ``dino_head.*`` /
     ``ibot_head.*``, which are dropped). A leading ``module.`` is stripped.
+
+    ``prefix`` picks the encoder out of a larger model: only the keys under
+    it are kept, without it (e.g. ``'pretrained.'`` for a Depth-Anything
+    style depth network, whose DINOv2 encoder sits beside ``depth_head.*``).
     """
     if not isinstance(ckpt, dict):
         raise ValueError(f'expected a dict checkpoint, got {type(ckpt)}')
@@ -77,7 +82,15 @@ def unwrap_checkpoint(ckpt: Dict) -> Dict[str, Tensor]:
         (k[len('module.'):] if k.startswith('module.') else k): v
         for k, v in ckpt.items()
     }
-    if any(k.startswith('backbone.') for k in sd):
+    if prefix:
+        kept = {k[len(prefix):]: v for k, v in sd.items()
+                if k.startswith(prefix)}
+        if not kept:
+            tops = sorted({k.split('.', 1)[0] + '.' for k in sd})
+            raise ValueError(f'no key starts with prefix {prefix!r}; the '
+                             f'checkpoint holds {tops[:12]}')
+        sd = kept
+    elif any(k.startswith('backbone.') for k in sd):
         sd = {
             k[len('backbone.'):]: v
             for k, v in sd.items() if k.startswith('backbone.')
@@ -131,13 +144,16 @@ def _flatten_chunks(sd: Dict[str, Tensor]) -> Dict[str, Tensor]:
 
 
 def convert_dinov2(state_dict: Dict[str, Tensor],
-                   src: str = 'auto') -> Dict[str, Tensor]:
+                   src: str = 'auto',
+                   prefix: Optional[str] = None) -> Dict[str, Tensor]:
     """Convert an official or timm DINOv2 state dict into our layout.
 
     Args:
         state_dict: the source weights (wrapped checkpoints are unwrapped,
             see :func:`unwrap_checkpoint`).
         src: ``'official'``, ``'timm'`` or ``'auto'`` (:func:`detect_layout`).
+        prefix: keep only the keys under this prefix (see
+            :func:`unwrap_checkpoint`).
 
     Returns:
         A new state dict with the keys of ``DINOv2`` (adapters excluded);
@@ -149,7 +165,7 @@ def convert_dinov2(state_dict: Dict[str, Tensor],
     """
     if src not in LAYOUTS:
         raise ValueError(f'src must be one of {LAYOUTS}, got {src!r}')
-    sd = unwrap_checkpoint(state_dict)
+    sd = unwrap_checkpoint(state_dict, prefix)
     found = detect_layout(sd)
     compatible = found == src or (found, src) == ('timm', 'official')
     if src != 'auto' and not compatible:
@@ -232,10 +248,14 @@ def main(argv=None) -> int:
     parser.add_argument('dst', help='output file (mmseg_sera layout)')
     parser.add_argument('--layout', choices=LAYOUTS, default='auto',
                         help='source layout (default: detect)')
+    parser.add_argument('--prefix', default=None,
+                        help="convert only the keys under this prefix, e.g. "
+                        "'pretrained.' for the DINOv2 encoder of a "
+                        'Depth-Anything style depth network')
     args = parser.parse_args(argv)
     try:
         ckpt = torch.load(args.src, map_location='cpu', weights_only=True)
-        sd = unwrap_checkpoint(ckpt)
+        sd = unwrap_checkpoint(ckpt, args.prefix)
         layout = detect_layout(sd) if args.layout == 'auto' else args.layout
         out = convert_dinov2(sd, src=layout)
     except (OSError, ValueError) as err:
