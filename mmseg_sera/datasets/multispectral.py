@@ -30,7 +30,9 @@ fraction c of each neighbour's signal, rows sum to 1), s the illumination (per
 image, s = illumination * (1 + jitter * U(-1, 1))), o per-band offsets
 (haze: larger at short wavelengths), n Gaussian noise. Domain ``A`` is the
 reference (unit gains, no cross-talk, low noise); the others shift further
-with their index (:func:`make_domains`).
+with their index (:func:`make_domains`). :func:`make_random_domains` draws
+sensors ``R00``, ``R01``, ... at random severities instead (a pretraining
+set with spectral variety but none of the benchmark's sensors).
 
 Written files (``out`` is ``data/synthetic_multispectral`` by default)::
 

@@ -925,6 +925,41 @@ DUAL_STREAM_CASES = [
 ]
 
 
+def _pyramid_cfg(trainable: str):
+    return dict(
+        type='PyramidDINOv2',
+        backbone=dict(type='DINOv2',
+                      arch=dict(embed_dims=24, num_layers=2, num_heads=2,
+                                mlp_ratio=2),
+                      patch_size=7, img_size=28, in_channels=3,
+                      out_indices=(0, 1), trainable=trainable,
+                      adapters=[dict(type='SERAAdapter', slot='post_block',
+                                     insert=(1, ),
+                                     text_dims=None, hidden_dims=8,
+                                     num_heads=2)]),
+        bands=(2, 1, 0),
+        out_scales=(2, 0.5))
+
+
+def _run_pyramid(m):
+    out = m(_maps(2, 4, 28, 28))
+    return dict(feats=out, aux_losses=out.aux_losses)
+
+
+def _check_pyramid(m, out):
+    feats = out['feats']
+    assert isinstance(feats, BackboneFeatures)
+    assert [tuple(f.shape) for f in feats] == [(2, 24, 8, 8), (2, 24, 2, 2)]
+    assert sorted(feats.routing) == [1]
+
+
+PYRAMID_CASES = [
+    # one tower on three of four bands, its maps resampled to a pyramid
+    Case('frozen', _pyramid_cfg('frozen'), _run_pyramid, _check_pyramid,
+         trainable=lambda m: _names_under(m, 'backbone.adapters.')),
+]
+
+
 def _run_aux_head(m):
     feats = BackboneFeatures(
         [_maps(1, 2, 2, 2)],
@@ -971,6 +1006,7 @@ CASES: Dict[str, List[Case]] = {
     'RAFLoss': RAF_CASES,
     'DualStreamDINOv2': DUAL_STREAM_CASES,
     'BackboneAuxLossHead': AUX_LOSS_HEAD_CASES,
+    'PyramidDINOv2': PYRAMID_CASES,
 }
 
 

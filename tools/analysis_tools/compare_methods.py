@@ -24,7 +24,7 @@ import statistics
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from typing import Dict, List
+from typing import Dict, List, Optional, Sequence
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 KEYS = ('mIoU', 'oIoU', 'Pr@0.5', 'mIoU_attribute', 'mIoU_position',
@@ -42,14 +42,29 @@ def _run(cmd: List[str], log: str) -> None:
                            f'log {log}:\n{tail}')
 
 
-def run_one(args, config: str, seed: int) -> Dict[str, Dict[str, float]]:
-    """Train one (config, seed) and test it; split -> metrics."""
+def run_one(args, config: str, seed: int, *, options: Sequence[str] = (),
+            tests: Optional[Dict[str, List[str]]] = None
+            ) -> Dict[str, Dict[str, float]]:
+    """Train one (config, seed) and test it; test name -> metrics.
+
+    Args:
+        options: more ``KEY=VALUE`` overrides of this run (training and
+            tests), after ``args.cfg_options``.
+        tests: test name -> its own ``KEY=VALUE`` overrides (e.g. another
+            ``test_dataloader.dataset.data_root``); default: one test per
+            ``args.splits``, ``test_dataloader.dataset.split=SPLIT``. An
+            empty mapping only trains.
+    """
     name = osp.splitext(osp.basename(config))[0]
     work = osp.join(args.work_dir, name, f'seed{seed}')
     os.makedirs(work, exist_ok=True)
     env_opts = [f'env_cfg.cpu_threads={args.threads}',
                 f'env_cfg.cpu_workers={args.workers}']
     extra = [f'{k}={v}' for k, v in (args.cfg_options or {}).items()]
+    extra += list(options)
+    if tests is None:
+        tests = {split: [f'test_dataloader.dataset.split={split}']
+                 for split in args.splits}
     last = osp.join(work, 'last_checkpoint')
     if not (args.reuse and osp.isfile(last)):
         _run([sys.executable, 'tools/train.py', config, '--work-dir', work,
@@ -58,14 +73,13 @@ def run_one(args, config: str, seed: int) -> Dict[str, Dict[str, float]]:
     with open(last) as f:
         ckpt = f.read().strip()
     out = {}
-    for split in args.splits:
+    for split, test_opts in tests.items():
         metrics = osp.join(work, split, 'metrics.json')
         if not (args.reuse and osp.isfile(metrics)):
             _run([sys.executable, 'tools/test.py', config, ckpt,
                   '--work-dir', osp.join(work, f'test_{split}'), '--out',
-                  osp.join(work, split), '--cfg-options',
-                  f'test_dataloader.dataset.split={split}', *env_opts,
-                  *extra], osp.join(work, f'test_{split}.log'))
+                  osp.join(work, split), '--cfg-options', *test_opts,
+                  *env_opts, *extra], osp.join(work, f'test_{split}.log'))
         with open(metrics) as f:
             out[split] = json.load(f)
     print(f'done: {name} seed {seed}: ' + ', '.join(

@@ -14,9 +14,9 @@ Output (``--out`` is the ``data_root`` of
 
 Every domain renders the same scenes.  ``--random-domains N`` renders them
 in N random sensors ``R00`` .. instead (the pretraining set of
-``configs/spectralmoe/pretrain_*``; with another ``--seed``: other scenes).  The same arguments always give the
-same files.  See ``mmseg_sera/datasets/multispectral.py`` for the scene and
-sensor models.
+``configs/spectralmoe/pretrain_*``; with another ``--seed``: other
+scenes).  The same arguments always give the same files.  See
+``mmseg_sera/datasets/multispectral.py`` for the scene and sensor models.
 """
 import argparse
 import json

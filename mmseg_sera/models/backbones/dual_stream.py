@@ -28,7 +28,10 @@ from torch import Tensor
 from mmseg.registry import MODELS
 from .dinov2 import DINOv2
 
-__all__ = ['DualStreamDINOv2', 'BackboneFeatures', 'resolve_block_map']
+__all__ = [
+    'DualStreamDINOv2', 'BackboneFeatures', 'resolve_block_map',
+    'check_out_scales', 'resample_pyramid'
+]
 
 BlockMap = Union[None, str, Mapping[int, int], Sequence[Optional[int]]]
 
@@ -128,6 +131,43 @@ def _check_bands(bands: Optional[Sequence[int]], in_channels: int,
     return bands
 
 
+def check_out_scales(out_scales: Sequence[float],
+                     num_levels: int) -> tuple:
+    """``out_scales`` as floats; one positive scale per level, and a scale
+    below 1 must be 1 / k for an integer k (average pooling).
+
+    Raises:
+        ValueError: another count, a non-positive scale, a scale below 1
+            that is not 1 / k.
+    """
+    scales = tuple(float(s) for s in out_scales)
+    if len(scales) != num_levels or min(scales, default=1.) <= 0:
+        raise ValueError(f'out_scales {scales} must give one positive scale '
+                         f'per returned level ({num_levels})')
+    for s in scales:
+        if s < 1 and abs(1 / s - round(1 / s)) > 1e-6:
+            raise ValueError('out_scales: a scale below 1 must be 1 / k '
+                             f'(k x k average pooling), got {s}')
+    return scales
+
+
+def resample_pyramid(feats: Sequence[Tensor],
+                     out_scales: Sequence[float]) -> List[Tensor]:
+    """Map i (B x C x h x w) scaled by ``out_scales[i]``: bilinear up for
+    s > 1, k x k average pooling (ceil mode) for s = 1 / k, unchanged for
+    s = 1."""
+    out = []
+    for f, s in zip(feats, out_scales):
+        if s > 1:
+            f = F.interpolate(f, scale_factor=s, mode='bilinear',
+                              align_corners=False)
+        elif s < 1:
+            k = int(round(1 / s))
+            f = F.avg_pool2d(f, kernel_size=k, stride=k, ceil_mode=True)
+        out.append(f)
+    return out
+
+
 @MODELS.register_module()
 class DualStreamDINOv2(BaseModule):
     """A DINOv2 adapted with a frozen second backbone's per-block tokens.
@@ -215,19 +255,8 @@ class DualStreamDINOv2(BaseModule):
         # only the adapted blocks need second tokens
         self.block_map = {i: full[i] for i in adapted if i in full}
         self.second_norm = second_norm
-        num_levels = len(self.backbone.out_indices)
-        if out_scales is not None:
-            out_scales = tuple(float(s) for s in out_scales)
-            if len(out_scales) != num_levels or min(out_scales) <= 0:
-                raise ValueError(
-                    f'out_scales {out_scales} must give one positive scale '
-                    f'per returned level ({num_levels}, out_indices '
-                    f'{self.backbone.out_indices})')
-            for s in out_scales:
-                if s < 1 and abs(1 / s - round(1 / s)) > 1e-6:
-                    raise ValueError(f'out_scales: a scale below 1 must be '
-                                     f'1 / k (average pooling), got {s}')
-        self.out_scales = out_scales
+        self.out_scales = None if out_scales is None else check_out_scales(
+            out_scales, len(self.backbone.out_indices))
 
     @property
     def embed_dims(self) -> int:
@@ -245,20 +274,6 @@ class DualStreamDINOv2(BaseModule):
             norm=self.second_norm)
         return {i: tokens[j] for i, j in self.block_map.items()}
 
-    def _rescale(self, feats: Sequence[Tensor]) -> List[Tensor]:
-        if self.out_scales is None:
-            return list(feats)
-        out = []
-        for f, s in zip(feats, self.out_scales):
-            if s > 1:
-                f = F.interpolate(f, scale_factor=s, mode='bilinear',
-                                  align_corners=False)
-            elif s < 1:
-                k = round(1 / s)
-                f = F.avg_pool2d(f, kernel_size=k, stride=k, ceil_mode=True)
-            out.append(f)
-        return out
-
     def forward(self, x: Tensor) -> BackboneFeatures:
         """B x bands x H x W -> :class:`BackboneFeatures` (the backbone's
         ``out_indices`` maps, B x C x h x w, rescaled by ``out_scales``)."""
@@ -273,5 +288,7 @@ class DualStreamDINOv2(BaseModule):
             x[:, list(self.backbone_bands)]
         out = self.backbone.forward_features(y, block_context=context)
         return BackboneFeatures(
-            self._rescale(out.feats), aux_losses=out.aux_losses,
+            list(out.feats) if self.out_scales is None else
+            resample_pyramid(out.feats, self.out_scales),
+            aux_losses=out.aux_losses,
             routing=out.routing)
