@@ -59,15 +59,7 @@ val_dataloader = dict(
         pipeline=test_pipeline))
 # the target domain: B (override data_root for A or C, see above)
 test_dataloader = dict(
-    batch_size=8,
-    num_workers=2,
-    persistent_workers=True,
-    sampler=dict(type='DefaultSampler', shuffle=False),
-    dataset=dict(
-        type=dataset_type,
-        data_root=data_root + '/B',
-        data_prefix=dict(img_path='img/val', seg_map_path='ann/val'),
-        test_mode=True,
-        pipeline=test_pipeline))
+    val_dataloader,
+    dataset=dict(val_dataloader['dataset'], data_root=data_root + '/B'))
 val_evaluator = dict(type='IoUMetric', iou_metrics=['mIoU'])
 test_evaluator = val_evaluator
