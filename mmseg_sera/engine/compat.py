@@ -108,6 +108,12 @@ def adapt_dist_cfg(cfg) -> None:
 def close_process_group() -> None:
     """Destroy the default process group if one is up (after the run, so
     that no rank aborts while its communication threads are torn down at
-    exit)."""
+    exit).
+
+    All ranks meet at a barrier first: a rank that tore its group down
+    while rank 0 was still writing the last checkpoint was seen to abort
+    ("terminate called without an active exception").
+    """
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
