@@ -315,38 +315,22 @@ class SegVLMRefineBlock(nn.Module):
     Args:
         channels: C.
         num_blocks: N >= 1.
-        Everything else: :class:`DeformableRefine`'s arguments, shared by
-        the N blocks.
+        block_cfg: :class:`DeformableRefine`'s other arguments (not
+            ``residual``, always on), shared by the N blocks.
 
     Forward: x B x C x H x W, state B x Cp -> B x C x H x W.
     """
 
-    def __init__(self,
-                 *,
-                 channels: int,
-                 num_blocks: int = 1,
-                 kernel_size: int = 3,
-                 deform_groups: int = 1,
-                 text_cond: bool = False,
-                 text_dims: int = 512,
-                 text_channels: int = 64,
-                 backend: str = 'torchvision',
-                 norm_cfg: Optional[ConfigType] = dict(type='BN'),
-                 se_ratio: Optional[int] = 16,
-                 se_text_cond: bool = False,
-                 se_zero_init: bool = False) -> None:
+    def __init__(self, *, channels: int, num_blocks: int = 1,
+                 **block_cfg) -> None:
         super().__init__()
         if num_blocks < 1:
             raise ValueError(f'SegVLMRefineBlock: num_blocks must be >= 1, '
                              f'got {num_blocks}')
+        # one argument list, DeformableRefine's (residual always on here)
         self.blocks = nn.ModuleList(
-            DeformableRefine(
-                channels=channels, kernel_size=kernel_size,
-                deform_groups=deform_groups, text_cond=text_cond,
-                text_dims=text_dims, text_channels=text_channels,
-                backend=backend, norm_cfg=norm_cfg, se_ratio=se_ratio,
-                se_text_cond=se_text_cond, se_zero_init=se_zero_init,
-                residual=True) for _ in range(num_blocks))
+            DeformableRefine(channels=channels, residual=True, **block_cfg)
+            for _ in range(num_blocks))
 
     def forward(self, x: Tensor, state: Optional[Tensor] = None) -> Tensor:
         for block in self.blocks:
