@@ -210,3 +210,29 @@ def test_image_only_adapter_has_no_text_parts():
                         pooled=torch.randn(2, 16))
     with pytest.raises(ValueError, match='text_dims=None'):
         adapter(x, hw=(3, 4), text=text)
+
+
+def test_balance_loss_penalises_one_expert_for_all():
+    adapter = _adapter(balance_weight=0.5)
+    x, text = torch.randn(4, H * W, C), _text(B=4)
+    out = adapter(x, (H, W), text)
+    u = out.routing.sum(0)
+    expected = 0.5 * u.var(unbiased=False) / u.mean()**2
+    torch.testing.assert_close(out.aux_losses['loss_adapter_balance'],
+                               expected)
+    # collapsed routing costs the full weight: u = [B, 0] -> CV^2 = 1
+    with torch.no_grad():
+        adapter.router.gate.weight.zero_()
+        adapter.router.gate.bias.copy_(torch.tensor([30.0, -30.0]))
+    loss = adapter(x, (H, W), text).aux_losses['loss_adapter_balance']
+    torch.testing.assert_close(loss, torch.tensor(0.5))
+    # the gradient reaches the router, and only in training
+    with torch.no_grad():
+        adapter.router.gate.weight.normal_()
+        adapter.router.gate.bias.copy_(torch.tensor([1.0, -1.0]))
+    adapter(x, (H, W), text).aux_losses['loss_adapter_balance'].backward()
+    assert adapter.router.gate.weight.grad.abs().sum() > 0
+    assert adapter.eval()(x, (H, W), text).aux_losses == {}
+    assert _adapter()(x, (H, W), text).aux_losses == {}
+    with pytest.raises(ValueError, match='balance_weight'):
+        _adapter(balance_weight=-1)

@@ -8,6 +8,7 @@ from mmseg.registry import MODELS
 from torch import Tensor, nn
 
 from ..moe.experts import DWConvBoundaryExpert, DWConvSpatialExpert
+from ..moe.losses import balance_loss
 from ..moe.router import SoftRouter
 from ..structures import AdapterOutput, TextFeatures
 
@@ -66,6 +67,12 @@ class SERAAdapter(BaseModule):
         norm_cfg: norm of the multi-scale block and the boundary expert.
         act_cfg: activation of the multi-scale block and spatial expert.
         attn_drop: dropout on the cross-attention weights.
+        balance_weight: weight of ``loss_adapter_balance`` = ``CV(u)^2``,
+            ``u_e`` the routing weight of expert e summed over the batch,
+            in training (**ours**; the paper gives the adapter no routing
+            loss, 0 = off). It penalises a router that sends every
+            sentence to one expert, not one that routes each sentence
+            sharply; several adapters' terms are summed.
         init_cfg: mmengine init config.
     """
 
@@ -89,8 +96,12 @@ class SERAAdapter(BaseModule):
                  norm_cfg: dict = dict(type='BN'),
                  act_cfg: dict = dict(type='GELU'),
                  attn_drop: float = 0.0,
+                 balance_weight: float = 0.0,
                  init_cfg: Optional[dict] = None) -> None:
         super().__init__(init_cfg=init_cfg)
+        if balance_weight < 0:
+            raise ValueError('SERAAdapter: balance_weight must be >= 0, got '
+                             f'{balance_weight}')
         if text_dims is None:  # image-only adapter
             route_with_text = False
             pooled_dims = None
@@ -119,6 +130,7 @@ class SERAAdapter(BaseModule):
         self.fuse_spatial = float(fuse_spatial)
         self.fuse_boundary = float(fuse_boundary)
         self.multi_scale = multi_scale
+        self.balance_weight = float(balance_weight)
 
         self.down_proj = nn.Linear(embed_dims, d)
         self.ms_convs = nn.ModuleList(
@@ -238,7 +250,9 @@ class SERAAdapter(BaseModule):
 
         Returns:
             AdapterOutput: ``tokens`` ``B x N x C`` (``x + delta``),
-            ``routing`` ``B x 2`` = ``[w_s, w_b]``, ``aux_losses`` empty.
+            ``routing`` ``B x 2`` = ``[w_s, w_b]``, ``aux_losses``
+            ``loss_adapter_balance`` in training with ``balance_weight``,
+            else empty.
         """
         self._check_inputs(x, hw, text)
         B, N, _ = x.shape
@@ -256,8 +270,12 @@ class SERAAdapter(BaseModule):
         if text is not None:
             f = self.cross_attend(f, text)
         delta = self.up_proj(f)
+        losses = {}
+        if self.training and self.balance_weight:
+            losses['loss_adapter_balance'] = (
+                self.balance_weight * balance_loss(weights))
         return AdapterOutput(
-            tokens=x + delta.to(x.dtype), routing=weights, aux_losses={})
+            tokens=x + delta.to(x.dtype), routing=weights, aux_losses=losses)
 
     def extra_repr(self) -> str:
         return (f'embed_dims={self.embed_dims}, hidden_dims='
