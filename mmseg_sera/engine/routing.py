@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from ..models.structures import AdapterOutput, NeckOutput
 
 __all__ = ['RoutingRecord', 'RoutingRecorder', 'routed_modules',
-           'short_name', 'expert_label']
+           'short_name', 'expert_label', 'routing_statistics']
 
 
 @dataclass
@@ -180,3 +180,50 @@ class RoutingRecorder:
         for h in self._handles:
             h.remove()
         self._handles = []
+
+
+def routing_statistics(weights: Sequence[Sequence[float]],
+                       images: Sequence[str],
+                       groups: Optional[Sequence[str]] = None) -> dict:
+    """How strongly one routed module's weights follow the sentence.
+
+    Args:
+        weights: M rows of E per-sentence weights (average per-token
+            weights over the tokens first).
+        images: the image of each row; rows of one image are its
+            sentences.
+        groups: a label per row (the sentence kind), or None.
+
+    Returns:
+        dict with ``mean`` and ``std`` (E floats, over the M rows),
+        ``sentence_share`` and ``by_group`` (label -> ``dict(n, mean)``).
+        ``sentence_share`` is the part of the variance (summed over
+        experts) that lies between sentences of one image, over images
+        with at least two sentences: 1 when the image does not matter, 0
+        when the sentence does not; None without such images or without
+        any variance.
+    """
+    w = torch.as_tensor(weights, dtype=torch.float64)
+    if w.ndim != 2 or len(images) != w.shape[0] or (
+            groups is not None and len(groups) != w.shape[0]):
+        raise ValueError('routing_statistics: weights must be M x E with one '
+                         f'image (and group) per row; got {tuple(w.shape)} '
+                         f'weights, {len(images)} images')
+    rows: Dict[str, List[int]] = {}
+    for i, img in enumerate(images):
+        rows.setdefault(img, []).append(i)
+    multi = [torch.tensor(r) for r in rows.values() if len(r) > 1]
+    share = None
+    if multi:
+        sel = w[torch.cat(multi)]
+        total = (sel - sel.mean(0)).pow(2).sum()
+        within = sum((w[r] - w[r].mean(0)).pow(2).sum() for r in multi)
+        if total > 0:
+            share = float(within / total)
+    by_group = {}
+    if groups is not None:
+        for g in sorted(set(groups)):
+            idx = torch.tensor([i for i, x in enumerate(groups) if x == g])
+            by_group[g] = dict(n=len(idx), mean=w[idx].mean(0).tolist())
+    return dict(mean=w.mean(0).tolist(), std=w.std(0, unbiased=False).tolist(),
+                sentence_share=share, by_group=by_group)

@@ -10,7 +10,8 @@ from mmengine.registry import init_default_scope
 from mmseg.registry import HOOKS, MODELS
 from mmseg_sera.engine import ExpertUtilisationHook, RoutingRecorder
 from mmseg_sera.engine.hooks import expert_utilisation_hook as hook_module
-from mmseg_sera.engine.routing import RoutingRecord, short_name
+from mmseg_sera.engine.routing import (RoutingRecord, routing_statistics,
+                                       short_name)
 from ..conftest import TINY_CONFIG, count_host_reads
 
 TEXTS = ['the red circle', 'the leftmost big square',
@@ -188,3 +189,32 @@ def test_hook_argument_checks():
         ExpertUtilisationHook(interval=0)
     with pytest.raises(ValueError, match='collapse_ratio'):
         ExpertUtilisationHook(collapse_ratio=1.0)
+
+
+def test_routing_statistics_separates_sentence_from_image():
+    images = ['a', 'a', 'b', 'b', 'c']
+    kinds = ['x', 'y', 'x', 'y', 'x']
+    # the weights follow the sentence kind only: all spread within images
+    by_kind = [[0.9, 0.1], [0.2, 0.8], [0.9, 0.1], [0.2, 0.8], [0.9, 0.1]]
+    st = routing_statistics(by_kind, images, kinds)
+    assert st['sentence_share'] == pytest.approx(1.0)
+    assert st['by_group']['x'] == dict(n=3, mean=pytest.approx([0.9, 0.1]))
+    assert st['by_group']['y']['mean'] == pytest.approx([0.2, 0.8])
+    assert st['mean'] == pytest.approx([0.62, 0.38])
+    assert st['std'] == pytest.approx([torch.tensor(
+        [0.9, 0.2, 0.9, 0.2, 0.9]).std(unbiased=False).item()] * 2)
+    # the weights follow the image only: no spread within an image ('c',
+    # with one sentence, does not count)
+    by_image = [[0.7, 0.3], [0.7, 0.3], [0.1, 0.9], [0.1, 0.9], [0.5, 0.5]]
+    assert routing_statistics(by_image, images)['sentence_share'] == 0.0
+    # both: 'a' splits its sentences, 'b' sends both to expert 0
+    mixed = [[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 0.0]]
+    within = 4 * 0.5**2  # 'a's two rows, 0.5 from their mean per expert
+    total = 2 * 0.25**2 + 2 * 0.75**2 + 2 * 2 * 0.25**2  # grand mean .75
+    assert routing_statistics(mixed, images[:4])['sentence_share'] == \
+        pytest.approx(within / total)
+    assert routing_statistics([[0.5, 0.5]] * 2, ['a', 'a'])[
+        'sentence_share'] is None  # no spread at all
+    assert routing_statistics([[0.5, 0.5]], ['a'])['sentence_share'] is None
+    with pytest.raises(ValueError, match='one image'):
+        routing_statistics([[0.5, 0.5]], ['a', 'b'])

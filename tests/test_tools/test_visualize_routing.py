@@ -58,7 +58,7 @@ def test_dataset_samples_give_pngs_and_exact_numbers(vr, tiny, tmp_path):
     vr.main([tiny['cfg'], tiny['ckpt'], '--out-dir', out, '--split', 'val',
              '--indices', '0', '2'])
     files = sorted(os.listdir(out))
-    assert files[-2:] == ['routing.json', 'summary.png']
+    assert files[-3:] == ['routing.json', 'routing_stats.json', 'summary.png']
     samples = [f for f in files if f.endswith('.png') and f[0].isdigit()]
     assert len(samples) == 2
     for f in samples + ['summary.png']:
@@ -131,3 +131,33 @@ def test_bad_arguments(vr, tiny, tmp_path):
     with pytest.raises(IndexError, match='out of range'):
         vr.main([tiny['cfg'], tiny['ckpt'], '--out-dir', str(tmp_path),
                  '--indices', '100000'])
+
+
+def test_stats_only_routes_every_sentence(vr, tiny, tmp_path, capsys):
+    out = str(tmp_path / 'stats')
+    vr.main([tiny['cfg'], tiny['ckpt'], '--out-dir', out, '--split', 'val',
+             '--indices', '0', '1', '--all-sentences', '--stats-only'])
+    assert os.listdir(out) == ['routing_stats.json']
+    with open(osp.join(out, 'routing_stats.json')) as f:
+        stats = json.load(f)
+    ds = RefCocoDataset(data_root=tiny['root'], dataset='refcoco',
+                        split_by='unc', split='val', test_mode=True,
+                        sentence_sampling='all', pipeline=[])
+    infos = [ds.get_data_info(i) for i in (0, 1)]
+    kinds = [k for info in infos for k in info['sentence_kinds']]
+    model = init_model(tiny['cfg'], tiny['ckpt'], device='cpu')
+    weights = []
+    with RoutingRecorder(model, modules=['backbone.adapters.1']) as rec:
+        for info in infos:
+            rec.clear()
+            inference_model(model, info['img_path'], info['sentences'])
+            weights.append(rec.records[0].weights)
+    weights = torch.cat(weights)
+    adapter = stats['backbone.adapters.1']
+    assert adapter['experts'] == ['spatial', 'boundary']
+    np.testing.assert_allclose(adapter['mean'], weights.mean(0), rtol=1e-5)
+    assert {k: v['n'] for k, v in adapter['by_group'].items()} == {
+        k: kinds.count(k) for k in set(kinds)}
+    assert sorted(stats) == ['backbone.adapters.1', 'backbone.adapters.3',
+                             'neck']
+    assert 'adapter1: sentence share of the spread' in capsys.readouterr().out

@@ -11,6 +11,14 @@ For each chosen image and sentence, one PNG with
 and ``summary.png``: every sample (rows) against every routed module and
 expert (columns), plus ``routing.json`` with the numbers.
 
+``routing_stats.json`` (also printed) says per routed module how much the
+routing follows the expression: the mean and spread of each expert's weight
+over the sentences, the share of that spread found between sentences of
+the same image (``sentence_share``: 1 = the sentence alone decides, 0 = the
+image alone), and the mean weights per sentence kind where the dataset
+gives kinds. ``--all-sentences`` routes every sentence of each item, so
+that images have several; ``--stats-only`` skips the pictures.
+
 Examples::
 
     # samples 0..7 of the config's test split
@@ -19,6 +27,9 @@ Examples::
     # chosen dataset items of another split
     python tools/analysis_tools/visualize_routing.py CONFIG CHECKPOINT \\
         --split testA --indices 3 17 42
+    # how the routing follows the sentence, over 300 items of testB
+    python tools/analysis_tools/visualize_routing.py CONFIG CHECKPOINT \
+        --split testB --num-samples 300 --all-sentences --stats-only
     # your own image and sentences
     python tools/analysis_tools/visualize_routing.py CONFIG CHECKPOINT \\
         --img demo.jpg --texts "the red circle" "the leftmost shape"
@@ -28,7 +39,7 @@ import json
 import os
 import os.path as osp
 from collections import OrderedDict
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import matplotlib
 
@@ -41,7 +52,7 @@ from mmseg.registry import DATASETS  # noqa: E402
 
 from mmseg_sera.apis import inference_model, init_model  # noqa: E402
 from mmseg_sera.engine.routing import (RoutingRecorder,  # noqa: E402
-                                       short_name)
+                                       routing_statistics, short_name)
 from mmseg_sera.visualization import draw_refer_overlay  # noqa: E402
 
 
@@ -64,11 +75,17 @@ def parse_args(argv=None):
                      help='an image file instead of dataset items')
     src.add_argument('--texts', nargs='+', default=None,
                      help='sentences for --img')
+    src.add_argument('--all-sentences', action='store_true',
+                     help='every sentence of each dataset item (default: '
+                     'the first)')
+    parser.add_argument('--stats-only', action='store_true',
+                        help='write routing_stats.json only, no pictures')
     return parser.parse_args(argv)
 
 
-def dataset_samples(cfg, split, indices, num) -> List[Tuple[str, str]]:
-    """(image path, sentence) pairs of dataset items."""
+def dataset_samples(cfg, split, indices, num, all_sentences=False
+                    ) -> List[Tuple[str, str, Optional[str]]]:
+    """(image path, sentence, kind or None) of dataset items."""
     ds_cfg = ConfigDict(cfg.test_dataloader.dataset)
     if split is not None:
         ds_cfg.split = split
@@ -83,7 +100,10 @@ def dataset_samples(cfg, split, indices, num) -> List[Tuple[str, str]]:
                              f'{ds_cfg.split!r} split has {len(dataset)} '
                              'items')
         info = dataset.get_data_info(i)
-        out.append((info['img_path'], info['sentences'][0]))
+        sentences = info['sentences'] if all_sentences else \
+            info['sentences'][:1]
+        kinds = info.get('sentence_kinds') or [None] * len(sentences)
+        out += [(info['img_path'], t, k) for t, k in zip(sentences, kinds)]
     return out
 
 
@@ -209,18 +229,57 @@ def draw_summary(results: List[dict], out_file: str) -> None:
     plt.close(fig)
 
 
+def statistics(results: List[dict], kinds: Sequence[Optional[str]]
+               ) -> Dict[str, dict]:
+    """Routed module -> :func:`routing_statistics` of its per-sentence
+    weights (per-token weights averaged over the tokens)."""
+    groups = list(kinds) if all(k is not None for k in kinds) else None
+    images = [res['img'] for res in results]
+    out = OrderedDict()
+    for module, r in results[0]['routing'].items():
+        weights = [res['routing'][module]['weights'] for res in results]
+        weights = [w if w.ndim == 1 else w.mean(0) for w in weights]
+        out[module] = dict(experts=r['experts'], **routing_statistics(
+            np.stack(weights), images, groups))
+    return out
+
+
+def format_statistics(stats: Dict[str, dict]) -> str:
+    lines = []
+    for module, st in stats.items():
+        share = st['sentence_share']
+        lines.append(
+            f'{short_name(module)}: sentence share of the spread '
+            f'{"n/a" if share is None else f"{share:.2f}"}')
+        rows = [('all', st['mean'], st['std'])] + [
+            (f'{g} (n={v["n"]})', v['mean'], None)
+            for g, v in st['by_group'].items()]
+        for label, mean, std in rows:
+            cells = [f'{e} {m:.2f}' + ('' if std is None else f' ± {s:.2f}')
+                     for e, m, s in zip(st['experts'], mean,
+                                        std or [0] * len(mean))]
+            lines.append(f'  {label:18s} ' + '  '.join(cells))
+    return '\n'.join(lines)
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     if (args.img is None) != (args.texts is None):
         raise SystemExit('--img and --texts go together')
     model = init_model(args.config, args.checkpoint, device=args.device)
     if args.img is not None:
-        pairs = [(args.img, t) for t in args.texts]
+        samples = [(args.img, t, None) for t in args.texts]
     else:
-        pairs = dataset_samples(model.cfg, args.split, args.indices,
-                                args.num_samples)
-    results = run(model, pairs)
+        samples = dataset_samples(model.cfg, args.split, args.indices,
+                                  args.num_samples, args.all_sentences)
+    results = run(model, [(img, text) for img, text, _ in samples])
     os.makedirs(args.out_dir, exist_ok=True)
+    stats = statistics(results, [kind for _, _, kind in samples])
+    with open(osp.join(args.out_dir, 'routing_stats.json'), 'w') as f:
+        json.dump(stats, f, indent=1)
+    print(format_statistics(stats))
+    if args.stats_only:
+        return
     dump = []
     for i, res in enumerate(results):
         stem = osp.splitext(osp.basename(res['img']))[0]
