@@ -94,6 +94,7 @@ def test_paper_model_trains_under_one_percent_of_the_backbone():
     ('sera-adapter_dinov2-tiny', 2, 0, None),
     ('sera-text-blind_dinov2-tiny', 2, 4, 4),
     ('sera-laplace_dinov2-tiny', 2, 4, 4),
+    ('sera-routed_dinov2-tiny', 2, 4, 4),
 ])
 def test_ablation_models(name, adapters, experts, top_k):
     path, = glob.glob(osp.join(ABLATION, name + '*.py'))
@@ -105,6 +106,7 @@ def test_ablation_models(name, adapters, experts, top_k):
     losses = model(**_batch(model), mode='loss')
     has_moe = any(k.startswith('loss_moe') for k in losses)
     assert has_moe == bool(experts)
+    assert ('loss_adapter_balance' in losses) == ('routed' in name)
 
 
 def test_text_blind_control_gives_every_sample_one_sentence():
@@ -133,3 +135,28 @@ def test_laplace_router_ablation_changes_only_the_router_logits():
     assert cfg.model.neck.pop('logit_fn') == 'laplace'
     assert cfg.model == full.model
     assert _build(path).neck.router.logit_fn == 'laplace'
+
+
+def test_routed_ablation_changes_only_the_routing_recipe():
+    path, = glob.glob(osp.join(ABLATION, 'sera-routed_*.py'))
+    cfg = Config.fromfile(path)
+    full = Config.fromfile(osp.join(
+        REPO, 'configs', 'sera',
+        'sera_dinov2-tiny_clip-tiny_1xb16-50e_synthetic-112x112.py'))
+    assert cfg.model.backbone.adapter_cfg.pop('balance_weight') == 0.1
+    assert cfg.model == full.model
+    assert cfg.optim_wrapper.pop('paramwise_cfg') == dict(
+        custom_keys={'.router.': dict(lr_mult=10.0)})
+    assert cfg.optim_wrapper == full.optim_wrapper
+    # the multiplier reaches every router parameter and nothing else
+    from mmengine.optim import build_optim_wrapper
+    model = _build(path)
+    wrapper = build_optim_wrapper(model, Config.fromfile(path).optim_wrapper)
+    lr = {id(p): g['lr'] for g in wrapper.optimizer.param_groups
+          for p in g['params']}
+    routers = {n for n, _ in model.named_parameters() if '.router.' in n}
+    assert any(n.startswith('neck.router.') for n in routers)
+    assert any(n.startswith('backbone.adapters.') for n in routers)
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert lr[id(p)] == pytest.approx(1e-2 if n in routers else 1e-3)
