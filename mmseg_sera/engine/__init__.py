@@ -3,7 +3,7 @@ from .compat import (adapt_dist_cfg, close_process_group,
 from .cpu_plan import CPUPlan, apply_cpu_plan, plan_cpu_resources
 from .hooks import ExpertUtilisationHook, RNGStateHook
 from .optimizers import CPUAmpOptimWrapper
-from .routing import RoutingRecord, RoutingRecorder
+from .routing import RoutingRecord, RoutingRecorder, routing_statistics
 
 register_checkpoint_safe_globals()
 
@@ -11,5 +11,5 @@ __all__ = [
     'adapt_dist_cfg', 'close_process_group',
     'register_checkpoint_safe_globals', 'RNGStateHook',
     'ExpertUtilisationHook', 'RoutingRecord', 'RoutingRecorder',
-    'CPUAmpOptimWrapper', 'CPUPlan', 'apply_cpu_plan', 'plan_cpu_resources'
+    'routing_statistics', 'CPUAmpOptimWrapper', 'CPUPlan', 'apply_cpu_plan', 'plan_cpu_resources'
 ]
