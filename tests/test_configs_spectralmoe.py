@@ -5,20 +5,31 @@ The tiny config runs through mmseg's stock EncoderDecoder: here with a
 stand-in adapter (so the data, the dual-stream backbone, UPerHead and the
 aux-loss head are checked without SpectralMoEAdapter), and, once
 ``SpectralMoEAdapter`` is registered, as written, through tools/train.py
-and tools/test.py."""
+and tools/test.py.
+
+The SpectralMoE-RIS configs (``spectralmoe-ris_*``) are SERA's RefCOCO and
+tiny synthetic models with a SpectralMoEAdapter after every block in place
+of the SERA-Adapters, the sentence as second modality: they build, count
+the adapter parameters their comments state, put the adapters' balance
+loss into the loss dict, and the tiny one trains and tests through the
+tools."""
 import glob
 import json
 import math
 import os.path as osp
+import re
 
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 from mmengine.config import Config
+from mmengine.registry import init_default_scope
 from mmengine.runner import Runner
+from mmengine.structures import PixelData
 
 from mmseg.registry import MODELS
+from mmseg.structures import SegDataSample
 from mmseg_sera.datasets.multispectral import (generate_multispectral_set,
                                                make_domains, make_scene,
                                                render)
@@ -186,3 +197,193 @@ def test_tiny_config_trains_and_tests_through_the_tools(ms_root, tmp_path):
     with open(logs[0]) as f:
         metrics = json.loads(f.readline())
     assert 0.0 <= metrics['mIoU'] <= 100.0
+
+
+# --------------------------------------------------------------------------
+# SpectralMoE in SERA (referring segmentation, the sentence as second
+# modality; PEERS.md 5.4)
+# --------------------------------------------------------------------------
+RIS_B = osp.join(
+    REPO, 'configs', 'spectralmoe',
+    'spectralmoe-ris_dinov2-b14-reg4_clip-b16_1xb16-50e_refcoco-448x448.py')
+RIS_TINY = osp.join(
+    REPO, 'configs', 'spectralmoe',
+    'spectralmoe-ris_dinov2-tiny_clip-tiny_1xb16-50e_synthetic-112x112.py')
+SERA_B = osp.join(
+    REPO, 'configs', 'sera',
+    'sera_dinov2-b14-reg4_clip-b16_1xb16-50e_refcoco-448x448.py')
+SERA_TINY = osp.join(
+    REPO, 'configs', 'sera',
+    'sera_dinov2-tiny_clip-tiny_1xb16-50e_synthetic-112x112.py')
+# (config, SERA config it changes, blocks, D, Ct, adapter parameters)
+RIS = {
+    'refcoco': (RIS_B, SERA_B, 12, 768, 512, 2_796_289),
+    'tiny': (RIS_TINY, SERA_TINY, 4, 96, 64, 45_345),
+}
+ADAPTER_KEYS = ('adapter_indices', 'adapter_cfg', 'adapters')
+
+
+@pytest.fixture(scope='module')
+def ris_models() -> dict:
+    """Both models with random weights (init_weights not run, so no
+    pretrained file is read)."""
+    init_default_scope('mmseg')
+    return {k: MODELS.build(Config.fromfile(v[0]).model)
+            for k, v in RIS.items()}
+
+
+def _stated_count(path: str) -> int:
+    with open(path) as f:
+        text = f.read()
+    counts = re.findall(r'Trainable adapter parameters: ([\d,]+)', text)
+    assert len(counts) == 1, path
+    return int(counts[0].replace(',', ''))
+
+
+@pytest.mark.parametrize('name', sorted(RIS))
+def test_ris_config_is_sera_with_spectralmoe_adapters(name):
+    """Everything but the backbone's adapters is the SERA config's."""
+    path, sera_path, blocks, _, ct, _ = RIS[name]
+    cfg, sera = Config.fromfile(path), Config.fromfile(sera_path)
+    for key in ('optim_wrapper', 'param_scheduler', 'train_cfg',
+                'train_dataloader', 'val_dataloader', 'test_dataloader',
+                'val_evaluator', 'default_hooks', 'custom_hooks'):
+        assert cfg.get(key) == sera.get(key), key
+    for key in set(cfg.model) | set(sera.model):
+        if key != 'backbone':
+            assert cfg.model.get(key) == sera.model.get(key), key
+    bb, sera_bb = cfg.model.backbone, sera.model.backbone
+    assert {k: v for k, v in bb.items() if k not in ADAPTER_KEYS} == \
+        {k: v for k, v in sera_bb.items() if k not in ADAPTER_KEYS}
+    assert sera_bb.adapter_indices and sera_bb.adapter_cfg
+    assert bb.adapter_indices == () and bb.adapter_cfg is None
+    adapter, = bb.adapters
+    assert adapter.type == 'SpectralMoEAdapter'
+    assert adapter.insert == tuple(range(blocks))
+    assert adapter.num_layers == blocks
+    assert adapter.text_dims == ct == cfg.model.neck.text_dims
+    assert not adapter.get('released_compat', False)
+
+
+@pytest.mark.parametrize('name', sorted(RIS))
+def test_ris_model_adapters_and_count(ris_models, name):
+    """A SpectralMoEAdapter after every block, no SERA-Adapter, and as
+    many adapter parameters as the config's comment says."""
+    from mmseg_sera.models.adapters.spectral_moe import SpectralMoEAdapter
+    path, _, blocks, d, ct, count = RIS[name]
+    model = ris_models[name]
+    bb = model.backbone
+    assert bb.adapter_indices == ()
+    assert bb.adapters.indices('post_block') == tuple(range(blocks))
+    assert not any(
+        type(m).__name__ == 'SERAAdapter' for m in model.modules())
+    adapters = [bb.adapters[str(i)] for i in range(blocks)]
+    assert all(isinstance(a, SpectralMoEAdapter) for a in adapters)
+    a = adapters[0]
+    assert (a.embed_dims, a.text_dims, a.num_layers) == (d, ct, blocks)
+    assert (a.fusion, a.combine, a.second_source) == ('xattn', 'gated_sum',
+                                                      'text')
+    assert a.loss_weight == 1e-2 and not a.released_compat
+    # W_tf, W_df, s and the word projection: once, in block 0
+    assert [x.owns_shared for x in adapters] == [True] + [False] * (
+        blocks - 1)
+    assert all(x.shared_parts is a.shared_parts for x in adapters)
+    params = [p for n, p in model.named_parameters()
+              if n.startswith('backbone.adapters.')]
+    assert all(p.requires_grad for p in params)
+    assert sum(p.numel() for p in params) == count == _stated_count(path)
+
+
+def _refer_batch(model, size: int = 112) -> dict:
+    torch.manual_seed(0)
+    samples = []
+    for text in ('the man on the left', 'a red umbrella'):
+        s = SegDataSample(metainfo=dict(text=text, ori_shape=(size, size),
+                                        img_shape=(size, size),
+                                        pad_shape=(size, size)))
+        s.gt_sem_seg = PixelData(
+            data=torch.randint(0, 2, (1, size, size), dtype=torch.uint8))
+        samples.append(s)
+    inputs = [torch.randint(0, 256, (3, size, size), dtype=torch.uint8)
+              for _ in samples]
+    return model.data_preprocessor(dict(inputs=inputs, data_samples=samples),
+                                   training=True)
+
+
+@pytest.mark.parametrize('name', sorted(RIS))
+def test_ris_balance_loss_reaches_the_loss_dict(ris_models, name):
+    """One training forward on two 112 px samples (8 x 8 patches): every
+    block routes its patches, the backbone reports loss_moe_balance, the
+    loss dict's loss_moe_balance is the backbone's plus SERA-Fusion's, and
+    the word path gets a gradient."""
+    _, _, blocks, _, _, _ = RIS[name]
+    model = ris_models[name].train()
+    data = _refer_batch(model)
+    texts = model.texts_of(data['data_samples'])
+    torch.manual_seed(1)
+    with torch.no_grad():
+        _, bb, neck = model.extract_feat(data['inputs'], texts)
+    assert sorted(bb.routing) == list(range(blocks))
+    E = model.backbone.adapters['0'].router.num_experts
+    assert all(r.shape == (2, 64, E) for r in bb.routing.values())
+    backbone_loss = bb.aux_losses['loss_moe_balance']
+    assert torch.isfinite(backbone_loss) and backbone_loss > 0
+    torch.manual_seed(1)  # the same router noise
+    losses = model(**data, mode='loss')
+    torch.testing.assert_close(
+        losses['loss_moe_balance'],
+        backbone_loss + neck.aux_losses['loss_moe_balance'])
+    model.zero_grad()
+    sum(v for k, v in losses.items() if k.startswith('loss_')).backward()
+    grads = {n for n, p in model.named_parameters() if p.grad is not None}
+    for key in ('experts.tokens_b', 'shared.second_proj.weight',
+                'second_router.noise_proj.weight'):
+        assert f'backbone.adapters.0.{key}' in grads, key
+    assert f'backbone.adapters.{blocks - 1}.experts.tokens_b' in grads
+
+
+def test_ris_tiny_trains_and_tests_through_the_tools(synthetic_root,
+                                                     tmp_path):
+    """Two steps through tools/train.py (16 training items, batch 8), the
+    adapters' parameters in the checkpoint and trained, then
+    tools/test.py on 8 validation sentences."""
+    work_dir = str(tmp_path / 'train')
+    short = {'train_cfg.max_epochs': 1,
+             'train_dataloader.dataset.indices': 16,
+             'test_dataloader.dataset.indices': 8,
+             'test_dataloader.batch_size': 8}
+    opts = tiny_cfg_options(synthetic_root, **short)
+    run_tool(['tools/train.py', RIS_TINY, '--work-dir', work_dir] + opts)
+    rows = [r for r in _scalars(work_dir) if 'loss' in r]
+    assert len(rows) == 2
+    for row in rows:
+        assert math.isfinite(row['loss'])
+        assert math.isfinite(row['loss_moe_balance'])
+        assert row['loss_moe_balance'] > 0
+        # the expert utilisation hook sees every adapter
+        for i in range(4):
+            assert f'util_adapter{i}_expert0' in row, (i, sorted(row))
+    with open(osp.join(work_dir, 'last_checkpoint')) as f:
+        ckpt = f.read().strip()
+    state = torch.load(ckpt, map_location='cpu',
+                       weights_only=False)['state_dict']
+    adapter_keys = {k for k in state if k.startswith('backbone.adapters.')}
+    assert {k.split('.')[2] for k in adapter_keys} == {'0', '1', '2', '3'}
+    assert {k for k in adapter_keys if '.shared.' in k} == {
+        f'backbone.adapters.0.shared.{k}'
+        for k in ('token_proj.weight', 'token_proj.bias', 'out_proj.weight',
+                  'out_proj.bias', 'scale', 'second_proj.weight',
+                  'second_proj.bias')
+    }
+    for i in range(4):  # B starts at zero; two steps moved it
+        assert state[f'backbone.adapters.{i}.experts.tokens_b'].abs().sum(
+        ) > 0, i
+    eval_dir = tmp_path / 'eval'
+    run_tool(['tools/test.py', RIS_TINY, ckpt, '--work-dir', str(eval_dir)] +
+             opts)
+    logs = glob.glob(str(eval_dir / '*' / '*.json'))
+    assert logs, 'tools/test.py wrote no metrics'
+    with open(logs[0]) as f:
+        metrics = json.loads(f.readline())
+    for key in ('mIoU', 'oIoU', 'Pr@0.5'):
+        assert 0.0 <= metrics[key] <= 100.0, key
