@@ -1,5 +1,7 @@
 """Fixtures shared by the end-to-end tests."""
 import contextlib
+import glob
+import json
 import os.path as osp
 import subprocess
 import sys
@@ -76,3 +78,18 @@ def run_tool(args: list, timeout: int = 600, env: dict = None,
         raise AssertionError(f'{" ".join(cmd)} failed ({proc.returncode}):\n'
                              f'{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}')
     return proc
+
+
+def run_test_tool(config: str, ckpt: str, work_dir, options: list,
+                  keys=('mIoU', 'oIoU', 'Pr@0.5')) -> dict:
+    """Run ``tools/test.py`` and return the metrics it logged; each of
+    ``keys`` must be a percentage."""
+    run_tool(['tools/test.py', config, ckpt, '--work-dir', str(work_dir)] +
+             list(options))
+    logs = glob.glob(osp.join(str(work_dir), '*', '*.json'))
+    assert logs, 'tools/test.py wrote no metrics'
+    with open(logs[0]) as f:
+        metrics = json.loads(f.readline())
+    for key in keys:
+        assert 0.0 <= metrics[key] <= 100.0, key
+    return metrics

@@ -26,15 +26,14 @@ import torch.nn as nn
 from mmengine.config import Config
 from mmengine.registry import init_default_scope
 from mmengine.runner import Runner
-from mmengine.structures import PixelData
 
 from mmseg.registry import MODELS
-from mmseg.structures import SegDataSample
 from mmseg_sera.datasets.multispectral import (generate_multispectral_set,
                                                make_domains, make_scene,
                                                render)
 from mmseg_sera.models.structures import AdapterOutput
-from .conftest import REPO, run_tool, tiny_cfg_options
+from .conftest import REPO, run_test_tool, run_tool, tiny_cfg_options
+from .test_configs import _batch as refer_batch
 
 TINY = osp.join(
     REPO, 'configs', 'spectralmoe',
@@ -189,14 +188,7 @@ def test_tiny_config_trains_and_tests_through_the_tools(ms_root, tmp_path):
         assert math.isfinite(row['aux.loss_moe_balance'])
     with open(osp.join(work_dir, 'last_checkpoint')) as f:
         ckpt = f.read().strip()
-    eval_dir = tmp_path / 'eval'
-    run_tool(['tools/test.py', TINY, ckpt, '--work-dir', str(eval_dir)] +
-             opts)
-    logs = glob.glob(str(eval_dir / '*' / '*.json'))
-    assert logs, 'tools/test.py wrote no metrics'
-    with open(logs[0]) as f:
-        metrics = json.loads(f.readline())
-    assert 0.0 <= metrics['mIoU'] <= 100.0
+    run_test_tool(TINY, ckpt, tmp_path / 'eval', opts, keys=('mIoU',))
 
 
 # --------------------------------------------------------------------------
@@ -294,22 +286,6 @@ def test_ris_model_adapters_and_count(ris_models, name):
     assert sum(p.numel() for p in params) == count == _stated_count(path)
 
 
-def _refer_batch(model, size: int = 112) -> dict:
-    torch.manual_seed(0)
-    samples = []
-    for text in ('the man on the left', 'a red umbrella'):
-        s = SegDataSample(metainfo=dict(text=text, ori_shape=(size, size),
-                                        img_shape=(size, size),
-                                        pad_shape=(size, size)))
-        s.gt_sem_seg = PixelData(
-            data=torch.randint(0, 2, (1, size, size), dtype=torch.uint8))
-        samples.append(s)
-    inputs = [torch.randint(0, 256, (3, size, size), dtype=torch.uint8)
-              for _ in samples]
-    return model.data_preprocessor(dict(inputs=inputs, data_samples=samples),
-                                   training=True)
-
-
 @pytest.mark.parametrize('name', sorted(RIS))
 def test_ris_balance_loss_reaches_the_loss_dict(ris_models, name):
     """One training forward on two 112 px samples (8 x 8 patches): every
@@ -318,7 +294,7 @@ def test_ris_balance_loss_reaches_the_loss_dict(ris_models, name):
     the word path gets a gradient."""
     _, _, blocks, _, _, _ = RIS[name]
     model = ris_models[name].train()
-    data = _refer_batch(model)
+    data = refer_batch(model)
     texts = model.texts_of(data['data_samples'])
     torch.manual_seed(1)
     with torch.no_grad():
@@ -378,12 +354,4 @@ def test_ris_tiny_trains_and_tests_through_the_tools(synthetic_root,
     for i in range(4):  # B starts at zero; two steps moved it
         assert state[f'backbone.adapters.{i}.experts.tokens_b'].abs().sum(
         ) > 0, i
-    eval_dir = tmp_path / 'eval'
-    run_tool(['tools/test.py', RIS_TINY, ckpt, '--work-dir', str(eval_dir)] +
-             opts)
-    logs = glob.glob(str(eval_dir / '*' / '*.json'))
-    assert logs, 'tools/test.py wrote no metrics'
-    with open(logs[0]) as f:
-        metrics = json.loads(f.readline())
-    for key in ('mIoU', 'oIoU', 'Pr@0.5'):
-        assert 0.0 <= metrics[key] <= 100.0, key
+    run_test_tool(RIS_TINY, ckpt, tmp_path / 'eval', opts)

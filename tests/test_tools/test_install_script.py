@@ -10,7 +10,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 
 FAKE_PYTHON = """#!/usr/bin/env bash
-for i in $(seq 300); do echo "WARNING: Location 'file:///x/$i' is ignored"; done
+for i in $(seq 300); do
+  echo "WARNING: Location 'file:///x/$i' is ignored"
+done
 sleep 3
 echo "ERROR: No matching distribution found for wheel-xyz" >&2
 exit 7
