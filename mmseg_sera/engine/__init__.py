@@ -1,7 +1,7 @@
 from .compat import (adapt_dist_cfg, close_process_group,
                      register_checkpoint_safe_globals)
 from .cpu_plan import CPUPlan, apply_cpu_plan, plan_cpu_resources
-from .hooks import ExpertUtilisationHook, RNGStateHook
+from .hooks import CPUPlanHook, ExpertUtilisationHook, RNGStateHook
 from .optimizers import CPUAmpOptimWrapper
 from .routing import RoutingRecord, RoutingRecorder, routing_statistics
 
@@ -9,7 +9,8 @@ register_checkpoint_safe_globals()
 
 __all__ = [
     'adapt_dist_cfg', 'close_process_group',
-    'register_checkpoint_safe_globals', 'RNGStateHook',
+    'register_checkpoint_safe_globals', 'RNGStateHook', 'CPUPlanHook',
     'ExpertUtilisationHook', 'RoutingRecord', 'RoutingRecorder',
-    'routing_statistics', 'CPUAmpOptimWrapper', 'CPUPlan', 'apply_cpu_plan', 'plan_cpu_resources'
+    'routing_statistics', 'CPUAmpOptimWrapper', 'CPUPlan', 'apply_cpu_plan',
+    'plan_cpu_resources'
 ]

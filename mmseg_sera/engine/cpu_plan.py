@@ -21,11 +21,19 @@ when the run starts:
 and ``env_cfg.cpu_workers`` (an int, the cap on every dataloader's workers)
 override the two choices; ``env_cfg.cpu_plan=False`` keeps the config's and
 PyTorch's defaults.
+
+A job that starts *after* ours is not seen at start-up, so when the thread
+count was measured (not set) on a single-process run, training also
+re-plans the threads as it goes (:class:`CPUPlanHook`, added by
+:func:`apply_cpu_plan`; ``env_cfg.cpu_replan=False`` turns it off): every
+``interval`` seconds it measures the cores the *other* processes keep busy
+(the machine's busy time minus this process's and its dataloader workers')
+and applies the same rule to the threads. Workers stay as they started.
 """
 import os
 import time
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 _DATALOADERS = ('train_dataloader', 'val_dataloader', 'test_dataloader')
 
@@ -88,6 +96,72 @@ def busy_cores(seconds: float = 0.5) -> float:
     return share * (os.cpu_count() or 1)
 
 
+def _process_ticks(pid) -> int:
+    """User + system clock ticks of one process (all its threads) from
+    ``/proc/<pid>/stat``; 0 when it cannot be read."""
+    try:
+        with open(f'/proc/{pid}/stat') as f:
+            text = f.read()
+    except OSError:
+        return 0
+    # the command name (field 2) may hold spaces: split after its ')'
+    fields = text[text.rfind(')') + 2:].split()
+    return int(fields[11]) + int(fields[12])  # utime, stime
+
+
+def own_ticks() -> Dict[int, int]:
+    """Clock ticks used so far by this process and by each of its children
+    (the dataloader workers), by pid, read from ``/proc``."""
+    me = os.getpid()
+    ticks = {me: _process_ticks(me)}
+    try:
+        pids = [p for p in os.listdir('/proc') if p.isdigit()]
+    except OSError:
+        return ticks
+    for pid in pids:
+        try:
+            with open(f'/proc/{pid}/stat') as f:
+                text = f.read()
+        except OSError:
+            continue
+        fields = text[text.rfind(')') + 2:].split()
+        if len(fields) > 1 and fields[1] == str(me):  # ppid
+            ticks[int(pid)] = _process_ticks(pid)
+    return ticks
+
+
+class OthersMeter:
+    """Cores kept busy by *other* processes (at normal priority) between
+    two calls of :meth:`read`: the machine's busy time from ``/proc/stat``
+    minus what this process and its workers used. ``/proc/stat`` counts in
+    USER_HZ ticks, ``/proc/<pid>/stat`` in clock ticks; both are 100 per
+    second on Linux."""
+
+    def __init__(self) -> None:
+        self._last = self._snapshot()
+
+    @staticmethod
+    def _snapshot():
+        times = _cpu_times()
+        return None if times is None else (times, own_ticks())
+
+    def read(self) -> Optional[float]:
+        """Other processes' cores since the last call; None when unknown."""
+        now = self._snapshot()
+        last, self._last = self._last, now
+        if now is None or last is None:
+            return None
+        (busy1, total1), own1 = now
+        (busy0, total0), own0 = last
+        window = (total1 - total0) / (os.cpu_count() or 1)  # ticks per core
+        if window <= 0:
+            return None
+        # per process, so that a worker that came or went in the window
+        # counts with what it used in it (a new one: all its ticks)
+        ours = sum(t - own0.get(pid, 0) for pid, t in own1.items())
+        return max(0., (busy1 - busy0) - ours) / window
+
+
 def plan_cpu_resources(cores: int, busy: float, world_size: int = 1,
                        configured_workers: int = 0,
                        threads: Optional[int] = None,
@@ -135,6 +209,11 @@ def apply_cpu_plan(cfg, probe_seconds: float = 0.5) -> Optional[CPUPlan]:
         available_cores(), busy_cores(probe_seconds) if measure else 0.,
         world_size, configured, threads, workers)
     torch.set_num_threads(plan.threads)
+    if threads is None and world_size == 1 and env_cfg.get(
+            'cpu_replan', True):
+        hooks = list(cfg.get('custom_hooks') or [])
+        if not any(h.get('type') == 'CPUPlanHook' for h in hooks):
+            cfg['custom_hooks'] = hooks + [dict(type='CPUPlanHook')]
     for dl in loaders:
         if dl.get('num_workers', 0) > plan.max_workers:
             dl['num_workers'] = plan.max_workers

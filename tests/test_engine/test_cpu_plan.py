@@ -115,3 +115,103 @@ def test_cpu_times_leave_out_idle_and_niced_time(tmp_path):
     stat.write_text('intr 1 2 3\n')
     assert cpu_plan._cpu_times(str(stat)) is None
     assert cpu_plan._cpu_times(str(tmp_path / 'missing')) is None
+
+
+def test_apply_adds_the_replan_hook_only_when_threads_were_measured(
+        monkeypatch, restore_threads):
+    if torch.cuda.is_available():
+        pytest.skip('the plan only applies without CUDA')
+    monkeypatch.setattr(cpu_plan, 'busy_cores', lambda seconds: 0.0)
+    monkeypatch.delenv('WORLD_SIZE', raising=False)
+    monkeypatch.delenv('LOCAL_WORLD_SIZE', raising=False)
+    cfg = _cfg()
+    apply_cpu_plan(cfg)
+    assert cfg.custom_hooks == [dict(type='CPUPlanHook')]
+    apply_cpu_plan(cfg)  # not twice
+    assert cfg.custom_hooks == [dict(type='CPUPlanHook')]
+    for env in (dict(cpu_threads=2), dict(cpu_replan=False)):
+        cfg = _cfg(**env)
+        apply_cpu_plan(cfg)
+        assert not cfg.get('custom_hooks')
+    monkeypatch.setenv('WORLD_SIZE', '2')
+    cfg = _cfg()
+    apply_cpu_plan(cfg)
+    assert not cfg.get('custom_hooks')
+
+
+def test_replan_hook_follows_the_load_with_patience(
+        monkeypatch, restore_threads):
+    from mmseg_sera.engine.hooks import cpu_plan_hook
+    monkeypatch.setattr(cpu_plan_hook, 'available_cores', lambda: 2)
+    torch.set_num_threads(2)
+    hook = cpu_plan_hook.CPUPlanHook(interval=1.0, patience=2)
+    assert hook.update(None) is None  # unknown load: nothing changes
+    assert hook.update(1.2) is None  # first window asking for 1 thread
+    assert torch.get_num_threads() == 2
+    assert hook.update(0.1) is None  # quiet again: the vote is reset
+    assert hook.update(1.2) is None
+    assert hook.update(1.9) == 1  # second window in a row: 1 thread
+    assert torch.get_num_threads() == 1
+    assert hook.update(1.0) is None  # still busy: stays
+    assert hook.update(0.2) is None
+    assert hook.update(0.3) == 2  # the other job left
+    assert torch.get_num_threads() == 2
+
+    # the training loop asks the meter once per interval
+    class Meter:
+        calls = 0
+
+        def read(self):
+            Meter.calls += 1
+            return 1.5
+
+    clock = [100.0]
+    monkeypatch.setattr(cpu_plan_hook.time, 'monotonic', lambda: clock[0])
+    hook = cpu_plan_hook.CPUPlanHook(interval=10.0, patience=1)
+    hook._meter, hook._next = Meter(), 110.0
+    for t in (101.0, 105.0, 109.9):
+        clock[0] = t
+        hook.after_train_iter(None, 0)
+    assert Meter.calls == 0 and torch.get_num_threads() == 2
+    clock[0] = 110.0
+    hook.after_train_iter(None, 0)
+    assert Meter.calls == 1 and torch.get_num_threads() == 1
+    with pytest.raises(ValueError, match='interval'):
+        cpu_plan_hook.CPUPlanHook(interval=0)
+
+
+def test_others_meter_subtracts_this_process_and_its_workers(monkeypatch):
+    ncpu = cpu_plan.os.cpu_count()
+    # 10 s windows: total ticks grow by 1000 per core
+    machine = iter([(0, 0), (1500 * ncpu // 2, 1000 * ncpu),
+                    (1500 * ncpu // 2 + 500, 2000 * ncpu)])
+    # this process, then a worker (pid 7) that joins in the second window
+    own = iter([{1: 0}, {1: 1000}, {1: 1400, 7: 200}])
+    monkeypatch.setattr(cpu_plan, '_cpu_times', lambda: next(machine))
+    monkeypatch.setattr(cpu_plan, 'own_ticks', lambda: next(own))
+    meter = cpu_plan.OthersMeter()
+    # busy 0.75 ncpu cores in all, 1 core ours
+    assert meter.read() == pytest.approx(max(0.0, 0.75 * ncpu - 1.0))
+    # busy 0.05 cores, ours 0.6: never below 0
+    assert meter.read() == 0.0
+
+
+def test_own_ticks_count_a_busy_worker_process():
+    import subprocess
+    import sys
+    me = cpu_plan.os.getpid()
+    assert cpu_plan.own_ticks()[me] == cpu_plan._process_ticks(me) > 0
+    # the child burns 0.6 s of CPU time (however loaded the machine is),
+    # says so, and waits to be killed
+    spin = subprocess.Popen(
+        [sys.executable, '-c', 'import time\n'
+         'while time.process_time() < 0.6: pass\n'
+         'print("done", flush=True)\ntime.sleep(60)'],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert spin.stdout.readline().strip() == 'done'
+        ticks = cpu_plan.own_ticks()
+    finally:
+        spin.kill()
+        spin.wait()
+    assert ticks.get(spin.pid, 0) >= 55, ticks  # the child's 0.6 s
