@@ -222,3 +222,40 @@ def test_benchmark_bad_arguments(bm, tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
     with pytest.raises(ValueError, match='CUDA'):
         bm.main([TINY_CONFIG, *FAST, '--device', 'cuda'])
+
+
+# --------------------------------------------------------------------------
+# train_speed
+# --------------------------------------------------------------------------
+def test_train_speed_settings():
+    ts = _load('train_speed')
+    assert ts.parse_setting('plan') == dict(
+        name='plan', passive=False, replan=True, plan=True)
+    assert ts.parse_setting('plan+noreplan+passive') == dict(
+        name='plan+noreplan+passive', passive=True, replan=False,
+        plan=True)
+    assert ts.parse_setting('1,0') == dict(
+        name='1,0', passive=False, replan=True, plan=True, threads=1,
+        workers=0)
+    assert ts.parse_setting('default')['plan'] is False
+    with pytest.raises(ValueError, match='unknown suffix'):
+        ts.parse_setting('plan+fast')
+    with pytest.raises(ValueError, match='not plan, default'):
+        ts.parse_setting('two')
+
+
+def test_train_speed_late_competitor(synthetic_root, tmp_path):
+    """A competitor started after the measured run; the steps are timed
+    only once it runs (settle 0), through the re-planning hook."""
+    ts = _load('train_speed')
+    out = tmp_path / 'speed.json'
+    ts.main([TINY_CONFIG, '--iters', '2', '--warmup', '0', '--settings',
+             'plan', '--late-competitor', '1', '--settle', '0',
+             '--json', str(out), '--cfg-options',
+             f'train_dataloader.dataset.data_root={synthetic_root}',
+             'train_dataloader.batch_size=2'])
+    rows = json.loads(out.read_text())['rows']
+    assert [(r['setting'], r['busy']) for r in rows] == [('plan', False),
+                                                         ('plan', True)]
+    for r in rows:
+        assert r['median_s'] > 0 and r['threads'] >= 1

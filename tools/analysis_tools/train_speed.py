@@ -3,7 +3,7 @@ torch job, for several thread / worker settings side by side.
 
     python tools/analysis_tools/train_speed.py CONFIG [--iters 30]
         [--warmup 5] [--settings plan default ...] [--no-busy]
-        [--competitor-nice 19]
+        [--competitor-nice 19] [--late-competitor SECONDS [--settle 60]]
         [--json FILE] [--cfg-options KEY=VALUE ...]
 
 Each setting runs in a fresh process (the OpenMP wait policy is read when
@@ -15,12 +15,20 @@ included; the median step counts. Settings:
     default    PyTorch's threads (one per core) and the config's workers
     T,W        T intra-op threads, at most W workers (e.g. ``1,0``)
     +passive   suffix: OMP_WAIT_POLICY=PASSIVE (idle OpenMP threads sleep)
+    +noreplan  suffix: env_cfg.cpu_replan=False (no CPUPlanHook)
 
 Busy runs start a competing job first: a torch training loop of a small CNN
 with PyTorch's default threads and wait policy, as another user's job would
 be (niced with ``nice -n 19`` unless ``--competitor-nice`` says otherwise),
 and stop it afterwards. Its own speed is not
 reported. Runs go one after the other, never two measured ones at once.
+
+``--late-competitor S`` starts the competitor S seconds *after* the
+measured process instead, as when another job starts while a run trains:
+the start-up plan saw a quiet machine, and only the re-planning hook
+(``CPUPlanHook``, which the child drives as the training loop would) can
+react. Steps are then timed from ``--settle`` seconds after the competitor
+started.
 """
 import argparse
 import json
@@ -49,10 +57,12 @@ while True:
 
 def parse_setting(text: str) -> Dict:
     """``plan`` | ``default`` | ``T,W``, optionally ``+passive``."""
-    name, _, suffix = text.partition('+')
-    if suffix not in ('', 'passive'):
-        raise ValueError(f'unknown suffix +{suffix} in {text!r}')
-    out = dict(name=text, passive=suffix == 'passive')
+    name, *suffixes = text.split('+')
+    unknown = set(suffixes) - {'passive', 'noreplan'}
+    if unknown:
+        raise ValueError(f'unknown suffix +{unknown.pop()} in {text!r}')
+    out = dict(name=text, passive='passive' in suffixes,
+               replan='noreplan' not in suffixes)
     if name == 'plan':
         out.update(plan=True)
     elif name == 'default':
@@ -76,6 +86,7 @@ def child(args) -> None:
     setting = json.loads(args.child)
     opts = dict(args.cfg_options or {})
     opts['env_cfg.cpu_plan'] = setting['plan']
+    opts['env_cfg.cpu_replan'] = setting['replan']
     if 'threads' in setting:
         opts['env_cfg.cpu_threads'] = setting['threads']
         opts['env_cfg.cpu_workers'] = setting['workers']
@@ -87,6 +98,16 @@ def child(args) -> None:
         wrapper = runner.build_optim_wrapper(cfg.optim_wrapper)
         model = runner.model
         model.train()
+        hook = None
+        if any(h.get('type') == 'CPUPlanHook'
+               for h in cfg.get('custom_hooks', [])):
+            from mmseg_sera.engine import CPUPlanHook
+            hook = CPUPlanHook()
+            hook.before_train(runner)
+        # with a late competitor, time the steps from `settle` seconds
+        # after it started
+        start_at = (args.competitor_at or 0.) + (
+            args.settle if args.competitor_at else 0.)
         times: List[float] = []
         steps = args.warmup + args.iters
         while len(times) < steps:
@@ -94,8 +115,11 @@ def child(args) -> None:
             t0 = time.perf_counter()
             for data in it:
                 model.train_step(data, wrapper)
+                if hook is not None:
+                    hook.after_train_iter(runner, len(times))
                 t1 = time.perf_counter()
-                times.append(t1 - t0)
+                if time.time() >= start_at:
+                    times.append(t1 - t0)
                 t0 = t1
                 if len(times) == steps:
                     break
@@ -113,21 +137,37 @@ def run_one(args, setting: Dict, busy: bool) -> Dict:
     if setting['passive']:
         env['OMP_WAIT_POLICY'] = 'PASSIVE'
     competitor = None
-    if busy:
-        competitor = subprocess.Popen(
+    late = busy and args.late_competitor is not None
+
+    def start_competitor():
+        return subprocess.Popen(
             ['nice', '-n', str(args.competitor_nice), sys.executable, '-c',
              COMPETITOR],
             env={k: v for k, v in os.environ.items()
                  if k != 'OMP_WAIT_POLICY'})
+
+    if busy and not late:
+        competitor = start_competitor()
         time.sleep(3)  # let it reach its loop before the plan probes
     cmd = [sys.executable, osp.abspath(__file__), args.config,
            '--iters', str(args.iters), '--warmup', str(args.warmup),
-           '--child', json.dumps(setting)]
+           '--settle', str(args.settle), '--child', json.dumps(setting)]
+    if late:
+        cmd += ['--competitor-at', str(time.time() + args.late_competitor)]
     if args.cfg_options:
         cmd += ['--cfg-options'] + [f'{k}={v}'
                                     for k, v in args.cfg_options.items()]
     try:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        child_proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True)
+        if late:
+            try:
+                child_proc.wait(timeout=args.late_competitor)
+            except subprocess.TimeoutExpired:
+                competitor = start_competitor()
+        stdout, stderr = child_proc.communicate()
+        proc = subprocess.CompletedProcess(cmd, child_proc.returncode,
+                                           stdout, stderr)
     finally:
         if competitor is not None:
             competitor.kill()
@@ -154,9 +194,17 @@ def main(argv=None) -> int:
                    help='niceness of the competing job (0: same priority)')
     p.add_argument('--no-busy', action='store_true',
                    help='only the quiet machine')
+    p.add_argument('--late-competitor', type=float, default=None,
+                   metavar='SECONDS',
+                   help='start the competitor this long after the measured '
+                   'run (default: before it)')
+    p.add_argument('--settle', type=float, default=60.,
+                   help='with --late-competitor: time steps from this long '
+                   'after the competitor started')
     p.add_argument('--json', help='write the results to this file')
     p.add_argument('--cfg-options', nargs='+', action=DictAction)
     p.add_argument('--child', help=argparse.SUPPRESS)
+    p.add_argument('--competitor-at', type=float, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         child(args)
