@@ -33,7 +33,7 @@ and applies the same rule to the threads. Workers stay as they started.
 import os
 import time
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 _DATALOADERS = ('train_dataloader', 'val_dataloader', 'test_dataloader')
 
@@ -96,17 +96,23 @@ def busy_cores(seconds: float = 0.5) -> float:
     return share * (os.cpu_count() or 1)
 
 
-def _process_ticks(pid) -> int:
-    """User + system clock ticks of one process (all its threads) from
-    ``/proc/<pid>/stat``; 0 when it cannot be read."""
+def _stat_fields(pid) -> Optional[List[str]]:
+    """The fields of ``/proc/<pid>/stat`` after the command name (which may
+    hold spaces), so that ``[1]`` is the ppid and ``[11]``, ``[12]`` are
+    utime and stime; None when it cannot be read."""
     try:
         with open(f'/proc/{pid}/stat') as f:
             text = f.read()
     except OSError:
-        return 0
-    # the command name (field 2) may hold spaces: split after its ')'
-    fields = text[text.rfind(')') + 2:].split()
-    return int(fields[11]) + int(fields[12])  # utime, stime
+        return None
+    return text[text.rfind(')') + 2:].split()
+
+
+def _process_ticks(pid) -> int:
+    """User + system clock ticks of one process (all its threads); 0 when
+    unknown."""
+    fields = _stat_fields(pid)
+    return int(fields[11]) + int(fields[12]) if fields else 0
 
 
 def own_ticks() -> Dict[int, int]:
@@ -119,14 +125,9 @@ def own_ticks() -> Dict[int, int]:
     except OSError:
         return ticks
     for pid in pids:
-        try:
-            with open(f'/proc/{pid}/stat') as f:
-                text = f.read()
-        except OSError:
-            continue
-        fields = text[text.rfind(')') + 2:].split()
-        if len(fields) > 1 and fields[1] == str(me):  # ppid
-            ticks[int(pid)] = _process_ticks(pid)
+        fields = _stat_fields(pid)
+        if fields and fields[1] == str(me):  # a child of ours
+            ticks[int(pid)] = int(fields[11]) + int(fields[12])
     return ticks
 
 
