@@ -72,7 +72,9 @@ class SERAAdapter(BaseModule):
             in training (**ours**; the paper gives the adapter no routing
             loss, 0 = off). It penalises a router that sends every
             sentence to one expert, not one that routes each sentence
-            sharply; several adapters' terms are summed.
+            sharply; several adapters' terms are summed. Note that a
+            50/50 split for every sentence minimises it too, and is what
+            the tiny model learned with 0.1 (docs/benchmarks.md).
         init_cfg: mmengine init config.
     """
 
