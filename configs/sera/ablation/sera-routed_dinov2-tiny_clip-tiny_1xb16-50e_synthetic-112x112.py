@@ -9,7 +9,7 @@
 # - the routers (adapters' and SERA-Fusion's) learn 10x faster than the
 #   rest: with all four experts kept, the task loss reaches the fusion
 #   router only through small differences between weighted expert outputs.
-# Measured over two seeds: scores within the seed spread, but the adapters
+# Measured over three seeds: scores within the seed spread, but the adapters
 # then give every sentence a 50/50 split (the trivial minimum of the
 # balance term), so their routing no longer follows the expression; the
 # demo config keeps the paper's recipe (docs/benchmarks.md).
