@@ -161,3 +161,15 @@ def test_stats_only_routes_every_sentence(vr, tiny, tmp_path, capsys):
     assert sorted(stats) == ['backbone.adapters.1', 'backbone.adapters.3',
                              'neck']
     assert 'adapter1: sentence share of the spread' in capsys.readouterr().out
+
+
+def test_run_keeps_the_order_of_the_pairs(vr, tiny):
+    """Sentences are batched per image, but the results (and with them
+    the kinds that statistics() pairs with them) keep the input order."""
+    img_dir = osp.join(tiny['root'], 'images/mscoco/images/train2014')
+    a, b = (osp.join(img_dir, f) for f in sorted(os.listdir(img_dir))[:2])
+    pairs = [(a, 'the red circle'), (b, 'the blue square'),
+             (a, 'the leftmost shape')]
+    model = init_model(tiny['cfg'], tiny['ckpt'], device='cpu')
+    results = vr.run(model, pairs)
+    assert [(r['img'], r['text']) for r in results] == pairs

@@ -28,7 +28,7 @@ Examples::
     python tools/analysis_tools/visualize_routing.py CONFIG CHECKPOINT \\
         --split testA --indices 3 17 42
     # how the routing follows the sentence, over 300 items of testB
-    python tools/analysis_tools/visualize_routing.py CONFIG CHECKPOINT \
+    python tools/analysis_tools/visualize_routing.py CONFIG CHECKPOINT \\
         --split testB --num-samples 300 --all-sentences --stats-only
     # your own image and sentences
     python tools/analysis_tools/visualize_routing.py CONFIG CHECKPOINT \\
@@ -109,20 +109,21 @@ def dataset_samples(cfg, split, indices, num, all_sentences=False
 
 def run(model, pairs: Sequence[Tuple[str, str]]) -> List[dict]:
     """Predict every pair (sentences of one image in one batch) and keep the
-    routing of each sentence."""
-    by_image: Dict[str, List[str]] = OrderedDict()
-    for img, text in pairs:
-        by_image.setdefault(img, []).append(text)
-    results = []
+    routing of each sentence; results in the order of ``pairs``."""
+    by_image: Dict[str, List[int]] = OrderedDict()
+    for i, (img, _) in enumerate(pairs):
+        by_image.setdefault(img, []).append(i)
+    results: List[Optional[dict]] = [None] * len(pairs)
     with RoutingRecorder(model) as rec:
         if not rec.modules:
             raise ValueError('the model has no routed module (no '
                              'SERA-Adapter or SERA-Fusion router): nothing '
                              'to draw')
-        for img, texts in by_image.items():
+        for img, order in by_image.items():
             rec.clear()
-            samples = inference_model(model, img, texts)
-            for b, sample in enumerate(samples):
+            samples = inference_model(model, img,
+                                      [pairs[i][1] for i in order])
+            for b, (i, sample) in enumerate(zip(order, samples)):
                 routing = OrderedDict()
                 for r in rec.records:
                     routing[r.module] = dict(
@@ -130,11 +131,11 @@ def run(model, pairs: Sequence[Tuple[str, str]]) -> List[dict]:
                         weights=r.weights[b].numpy(),
                         indices=None if r.indices is None else
                         r.indices[b].numpy())
-                results.append(
-                    dict(img=img, text=sample.metainfo['text'],
-                         meta=sample.metainfo,
-                         mask=sample.pred_sem_seg.data[0].cpu().numpy() > 0,
-                         routing=routing))
+                results[i] = dict(
+                    img=img, text=sample.metainfo['text'],
+                    meta=sample.metainfo,
+                    mask=sample.pred_sem_seg.data[0].cpu().numpy() > 0,
+                    routing=routing)
     return results
 
 
