@@ -106,8 +106,8 @@ def child(args) -> None:
             hook.before_train(runner)
         # with a late competitor, time the steps from `settle` seconds
         # after it started
-        start_at = (args.competitor_at or 0.) + (
-            args.settle if args.competitor_at else 0.)
+        start_at = (args.competitor_at + args.settle
+                    if args.competitor_at else 0.)
         times: List[float] = []
         steps = args.warmup + args.iters
         while len(times) < steps:
