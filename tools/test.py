@@ -11,7 +11,8 @@ from mmengine.config import DictAction
 from mmengine.runner import Runner
 
 from mmseg_sera.apis.config import load_run_config  # registers components
-from mmseg_sera.engine import close_process_group
+from mmseg_sera.engine import (CheckpointError, close_process_group,
+                               read_checkpoint)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -60,6 +61,10 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if not osp.isfile(args.checkpoint):
         raise FileNotFoundError(f'checkpoint not found: {args.checkpoint}')
+    try:  # a damaged file is named in one line, not deep in the runner
+        read_checkpoint(args.checkpoint)
+    except CheckpointError as exc:
+        raise SystemExit(f'error: {exc}') from None
     cfg = load_run_config(args.config, args.cfg_options, args.launcher,
                           args.work_dir)
     cfg.load_from = args.checkpoint

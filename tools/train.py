@@ -12,7 +12,8 @@ from mmengine.logging import print_log
 from mmengine.runner import Runner
 
 from mmseg_sera.apis.config import load_run_config  # registers components
-from mmseg_sera.engine import close_process_group
+from mmseg_sera.engine import (CheckpointError, close_process_group,
+                               find_resume_checkpoint)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -20,7 +21,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('config', help='config file path')
     p.add_argument('--work-dir', help='directory for logs and checkpoints')
     p.add_argument('--resume', action='store_true',
-                   help='resume from the latest checkpoint in the work dir')
+                   help='resume from the newest readable checkpoint in the '
+                   'work dir (a damaged newest one is skipped, with a '
+                   'warning naming it)')
     p.add_argument('--amp', action='store_true',
                    help='automatic mixed precision: AmpOptimWrapper (float16 '
                    'with dynamic loss scaling) on a GPU, CPUAmpOptimWrapper '
@@ -63,6 +66,11 @@ def main(argv=None) -> None:
     if args.amp:
         enable_amp(cfg)
     cfg.resume = args.resume
+    if args.resume and cfg.get('load_from') is None:
+        try:
+            cfg.load_from = find_resume_checkpoint(cfg.work_dir)
+        except CheckpointError as exc:
+            raise SystemExit(f'error: {exc}') from None
     runner = Runner.from_cfg(cfg)
     try:
         runner.train()

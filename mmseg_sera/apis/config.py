@@ -14,8 +14,10 @@ def load_run_config(config_path: str, cfg_options: Optional[dict],
     ``./work_dirs/<config name>``) and, for distributed runs, adapt the
     settings to the machine (:func:`mmseg_sera.engine.adapt_dist_cfg`);
     without CUDA, choose threads and dataloader workers from the machine
-    (:func:`mmseg_sera.engine.apply_cpu_plan`)."""
-    from ..engine import adapt_dist_cfg, apply_cpu_plan
+    (:func:`mmseg_sera.engine.apply_cpu_plan`); checkpoints are written
+    atomically (:func:`mmseg_sera.engine.use_atomic_checkpoints`)."""
+    from ..engine import (adapt_dist_cfg, apply_cpu_plan,
+                          use_atomic_checkpoints)
     cfg = load_config(config_path, cfg_options)
     cfg.launcher = launcher
     if work_dir is not None:
@@ -27,6 +29,7 @@ def load_run_config(config_path: str, cfg_options: Optional[dict],
     if launcher != 'none':
         adapt_dist_cfg(cfg)
     apply_cpu_plan(cfg)
+    use_atomic_checkpoints(cfg)
     return cfg
 
 

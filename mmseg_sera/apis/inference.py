@@ -22,11 +22,12 @@ import torch
 import torch.nn as nn
 from mmcv.transforms import Compose
 from mmengine.config import Config
-from mmengine.runner import load_checkpoint
+from mmengine.runner.checkpoint import _load_checkpoint_to_model
 
 from mmseg.registry import TRANSFORMS
 from mmseg.structures import SegDataSample
 from ..datasets.transforms.text_transforms import clean_sentence
+from ..engine.checkpoint import read_checkpoint
 from ..visualization.refer_visualizer import draw_refer_panels
 from .config import build_model, load_config
 
@@ -78,7 +79,7 @@ def init_model(config: Union[str, Path, Config],
             ``state_dict`` and ``meta``); None for random weights.
         device: device of the returned model, e.g. ``'cpu'``, ``'cuda:0'``.
         cfg_options: overrides merged into the config (``--cfg-options``).
-        strict: fail on missing/unexpected keys (MMEngine's
+        strict: fail on missing/unexpected keys (as MMEngine's
             ``load_checkpoint``; off by default, as in ``mmseg.apis``:
             mismatches are then logged).
 
@@ -89,6 +90,8 @@ def init_model(config: Union[str, Path, Config],
 
     Raises:
         FileNotFoundError: the config or the checkpoint file is missing.
+        CheckpointError: the checkpoint file cannot be read (truncated,
+            not a checkpoint); the one-line message names it.
     """
     if checkpoint is not None:
         checkpoint = osp.expanduser(str(checkpoint))
@@ -104,8 +107,8 @@ def init_model(config: Union[str, Path, Config],
         warnings.warn('init_model: no checkpoint given, the model keeps its '
                       'random initial weights (its predictions mean nothing)')
     else:
-        ckpt = load_checkpoint(model, checkpoint, map_location='cpu',
-                               strict=strict)
+        ckpt = read_checkpoint(checkpoint)
+        _load_checkpoint_to_model(model, ckpt, strict=strict)
         meta = ckpt.get('meta') if isinstance(ckpt, dict) else None
         if isinstance(meta, dict) and meta.get('dataset_meta'):
             dataset_meta = dict(meta['dataset_meta'])

@@ -1,6 +1,7 @@
 """init_model / inference_model / show_refer_result and demo/image_demo.py
 on a tiny random-weight checkpoint written by the test."""
 import copy
+import os
 import os.path as osp
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from mmseg.structures import SegDataSample
 from mmseg_sera.apis import (DEFAULT_DATASET_META, build_inference_pipeline,
                              inference_model, init_model, show_refer_result)
 from mmseg_sera.datasets.synthetic import generate_refer_set
+from mmseg_sera.engine import CheckpointError
 from ..conftest import REPO, TINY_CONFIG
 
 H, W = 90, 130  # not square: the letterbox pads 17 rows above and below
@@ -109,6 +111,16 @@ def test_missing_checkpoint_is_named(tiny, tmp_path):
     path = str(tmp_path / 'nowhere' / 'missing.pth')
     with pytest.raises(FileNotFoundError, match='missing.pth'):
         init_model(tiny['cfg'], path)
+
+
+def test_damaged_checkpoint_is_named_in_one_line(tiny, tmp_path):
+    path = tmp_path / 'cut.pth'
+    with open(tiny['ckpt'], 'rb') as f:
+        path.write_bytes(f.read()[:2000])  # a write that stopped early
+    with pytest.raises(CheckpointError) as info:
+        init_model(tiny['cfg'], str(path))
+    assert str(info.value).startswith(f'cannot read checkpoint {path}: ')
+    assert '\n' not in str(info.value)
 
 
 def test_pipeline_drops_mask_loader_and_reads_arrays(model):
@@ -220,11 +232,15 @@ def test_show_refer_result_panels(tiny, model, tmp_path):
 
 def test_demo_script_writes_picture(tiny, model, tmp_path):
     out = str(tmp_path / 'demo.png')
+    # The masks are compared with this process's below: the same number of
+    # threads in both, so that rounding (and a pixel at the threshold)
+    # cannot differ between them.
+    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
     proc = subprocess.run(
         [sys.executable, 'demo/image_demo.py', tiny['img'], SENT_A,
          TINY_CONFIG, tiny['ckpt'], '--out', out, '--sentence', SENT_B,
          '--opacity', '0.6'],
-        cwd=REPO, capture_output=True, text=True, timeout=300)
+        cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f'saved {out}' in proc.stdout
     picture = np.asarray(Image.open(out).convert('RGB'))

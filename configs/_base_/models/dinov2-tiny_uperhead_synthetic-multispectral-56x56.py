@@ -76,7 +76,8 @@ default_hooks = dict(
     logger=dict(type='LoggerHook', interval=10, log_metric_by_epoch=True),
     param_scheduler=dict(type='ParamSchedulerHook'),
     checkpoint=dict(type='CheckpointHook', by_epoch=True, interval=5,
-                    max_keep_ckpts=1),
+                    max_keep_ckpts=1,
+                    backend_args=dict(backend='local_atomic')),
     sampler_seed=dict(type='DistSamplerSeedHook'),
     visualization=dict(type='SegVisualizationHook'))
 # mmseg's own visualizer for semantic segmentation (draws nothing unless

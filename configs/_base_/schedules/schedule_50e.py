@@ -12,7 +12,10 @@ default_hooks = dict(
     timer=dict(type='IterTimerHook'),
     logger=dict(type='LoggerHook', interval=50, log_metric_by_epoch=True),
     param_scheduler=dict(type='ParamSchedulerHook'),
+    # 'local_atomic': written to <name>.partial, then renamed, so a killed
+    # run never leaves a half-written checkpoint (mmseg_sera.engine).
     checkpoint=dict(type='CheckpointHook', by_epoch=True, interval=5,
-                    max_keep_ckpts=3, save_best='mIoU', rule='greater'),
+                    max_keep_ckpts=3, save_best='mIoU', rule='greater',
+                    backend_args=dict(backend='local_atomic')),
     sampler_seed=dict(type='DistSamplerSeedHook'),
     visualization=dict(type='SegVisualizationHook'))
