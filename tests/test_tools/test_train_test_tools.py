@@ -4,6 +4,8 @@ import glob
 import json
 import os
 import os.path as osp
+import shutil
+import signal
 import sys
 
 import pytest
@@ -31,26 +33,49 @@ def _last_checkpoint(work_dir: str) -> str:
         return f.read().strip()
 
 
+# Runs whose numbers are compared with another process's: the same thread
+# and worker counts in both, whatever else the machine is doing (the CPU plan
+# would otherwise pick threads from the load, and rounding follows them).
+PINNED = {'env_cfg.cpu_threads': 1, 'env_cfg.cpu_workers': 0,
+          'default_hooks.checkpoint.interval': 1}
+
+
+def _train(work_dir: str, data_root: str, epochs: int, *extra: str,
+           runner: str = 'tools/train.py', check: bool = True):
+    return run_tool([runner, TINY_CONFIG, '--work-dir', work_dir, *extra] +
+                    tiny_cfg_options(data_root, **PINNED,
+                                     **{'train_cfg.max_epochs': epochs}),
+                    check=check)
+
+
+def _weights(path: str) -> dict:
+    return torch.load(path, weights_only=True)['state_dict']
+
+
+def _assert_same_weights(path_a: str, path_b: str) -> None:
+    a, b = _weights(path_a), _weights(path_b)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
 @pytest.fixture(scope='module')
 def uninterrupted(synthetic_root, tmp_path_factory):
+    """Two epochs in one go, a checkpoint after each."""
     work_dir = str(tmp_path_factory.mktemp('run_full'))
-    run_tool(['tools/train.py', TINY_CONFIG, '--work-dir', work_dir] +
-             tiny_cfg_options(synthetic_root, **{'train_cfg.max_epochs': 2}))
+    _train(work_dir, synthetic_root, 2)
     return work_dir
 
 
 def test_resume_continues_and_matches_uninterrupted(synthetic_root,
                                                     uninterrupted, tmp_path):
     work_dir = str(tmp_path / 'run_resumed')
-    run_tool(['tools/train.py', TINY_CONFIG, '--work-dir', work_dir] +
-             tiny_cfg_options(synthetic_root, **{'train_cfg.max_epochs': 1}))
+    _train(work_dir, synthetic_root, 1)
     first = _train_losses(work_dir)
     ckpt = torch.load(_last_checkpoint(work_dir), weights_only=True)
     assert ckpt['meta']['epoch'] == 1 and 'rng_state' in ckpt
 
-    run_tool(['tools/train.py', TINY_CONFIG, '--work-dir', work_dir,
-              '--resume'] +
-             tiny_cfg_options(synthetic_root, **{'train_cfg.max_epochs': 2}))
+    _train(work_dir, synthetic_root, 2, '--resume')
     resumed = _train_losses(work_dir)
     full = _train_losses(uninterrupted)
 
@@ -64,6 +89,82 @@ def test_resume_continues_and_matches_uninterrupted(synthetic_root,
         assert loss_a == pytest.approx(loss_b, rel=1e-5, abs=1e-6), it_a
     final = torch.load(_last_checkpoint(work_dir), weights_only=True)
     assert final['meta']['iter'] == 2 * iters_per_epoch
+    _assert_same_weights(_last_checkpoint(work_dir),
+                         osp.join(uninterrupted, 'epoch_2.pth'))
+
+
+# Runs tools/train.py and kills it (SIGKILL, as the OOM killer or `kill -9`
+# would) while it writes epoch_2.pth: after the bytes went to the temporary
+# file, before the rename that publishes them.
+KILL_DURING_WRITE = """
+import os, runpy, signal, sys
+real_replace = os.replace
+def replace(src, dst, *args, **kwargs):
+    if os.path.basename(dst) == 'epoch_2.pth':
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_replace(src, dst, *args, **kwargs)
+os.replace = replace
+sys.argv[0] = 'tools/train.py'
+runpy.run_path('tools/train.py', run_name='__main__')
+"""
+
+
+def test_killed_while_writing_a_checkpoint_resumes_exactly(
+        synthetic_root, uninterrupted, tmp_path):
+    work_dir = str(tmp_path / 'killed')
+    killer = tmp_path / 'kill_during_write.py'
+    killer.write_text(KILL_DURING_WRITE)
+    proc = _train(work_dir, synthetic_root, 2, runner=str(killer),
+                  check=False)
+    # run_tool puts sys.executable first: python kill_during_write.py ...
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    # The interrupted write left a partial file, never a damaged
+    # epoch_2.pth, and last_checkpoint still names the complete epoch 1.
+    assert sorted(f for f in os.listdir(work_dir) if 'pth' in f) == [
+        'epoch_1.pth', 'epoch_2.pth.partial']
+    assert _last_checkpoint(work_dir).endswith('epoch_1.pth')
+
+    _train(work_dir, synthetic_root, 2, '--resume')
+    assert not osp.exists(osp.join(work_dir, 'epoch_2.pth.partial'))
+    _assert_same_weights(osp.join(work_dir, 'epoch_2.pth'),
+                         osp.join(uninterrupted, 'epoch_2.pth'))
+
+
+def test_resume_falls_back_past_a_truncated_checkpoint(
+        synthetic_root, uninterrupted, tmp_path):
+    work_dir = str(tmp_path / 'truncated')
+    shutil.copytree(uninterrupted, work_dir)
+    newest = osp.join(work_dir, 'epoch_2.pth')
+    with open(osp.join(work_dir, 'last_checkpoint'), 'w') as f:
+        f.write(newest)  # the copy's own pointer
+    with open(newest, 'r+b') as f:  # what a full disk leaves
+        f.truncate(osp.getsize(newest) // 3)
+
+    # tools/test.py and init_model name the damaged file in one line.
+    proc = run_tool(['tools/test.py', TINY_CONFIG, newest] +
+                    tiny_cfg_options(synthetic_root), check=False)
+    assert proc.returncode != 0
+    last_line = proc.stderr.strip().splitlines()[-1]
+    assert last_line.startswith('error: cannot read checkpoint ' + newest)
+
+    proc = _train(work_dir, synthetic_root, 2, '--resume')
+    log = proc.stdout + proc.stderr
+    assert f'skipping {newest}' in log
+    assert 'resuming from ' + osp.join(work_dir, 'epoch_1.pth') in log
+    _assert_same_weights(newest, osp.join(uninterrupted, 'epoch_2.pth'))
+
+
+def test_resume_with_no_readable_checkpoint_stops_and_lists_them(
+        synthetic_root, tmp_path):
+    work_dir = tmp_path / 'broken'
+    work_dir.mkdir()
+    for name in ('epoch_1.pth', 'epoch_2.pth'):
+        (work_dir / name).write_bytes(b'PK\x03\x04 cut short')
+    proc = _train(str(work_dir), synthetic_root, 2, '--resume', check=False)
+    assert proc.returncode != 0
+    assert 'no readable checkpoint' in proc.stderr
+    for name in ('epoch_1.pth', 'epoch_2.pth'):
+        assert str(work_dir / name) in proc.stderr
 
 
 def _scalars(work_dir: str) -> list:
