@@ -121,6 +121,73 @@ def test_backends_agree_on_the_same_weights(groups, extra):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
+def _border_taps(H: int, W: int, K: int = 3) -> torch.Tensor:
+    """Offset entries (2K^2 x H x W) whose kernel tap sits exactly on the
+    top or left padding line (-1) at zero offset (padding 1), in the
+    direction of that line's normal, next to a pixel of the map (a tap at
+    a corner, (-1, -1), samples only padding in both directions)."""
+    taps = torch.zeros(2 * K * K, H, W, dtype=torch.bool)
+    for i in range(K):
+        for j in range(K):
+            k = i * K + j
+            for oy in range(H):
+                for ox in range(W):
+                    y, x = oy - 1 + i, ox - 1 + j
+                    taps[2 * k, oy, ox] = y == -1 and 0 <= x < W
+                    taps[2 * k + 1, oy, ox] = x == -1 and 0 <= y < H
+    return taps
+
+
+def test_backends_differ_only_on_the_top_left_padding_line():
+    """At zero offsets (every DCN at initialisation) the border taps of a
+    3x3 kernel with padding 1 sample exactly on the padding lines. There the
+    sampled value is not differentiable: it is 0 on the outer side and
+    grows linearly on the inner side. torchvision's offset gradient is the
+    one-sided derivative towards larger coordinates (its floor rule, the
+    same at every integer position, on its CPU and CUDA kernels); mmcv's
+    kernels return 0 for any tap at or beyond -1. The two therefore differ
+    exactly on the taps of the top row and the left column (at the bottom
+    and right lines, y = H and x = W, both give 0), and agree everywhere
+    else; the outputs are equal."""
+    H, W, C = 5, 6, 4
+    x = _randn(1, C, H, W, seed=1)
+    weight = _randn(3, C, 3, 3, seed=2)
+    mask = torch.rand(1, 9, H, W, generator=_gen(3)) * 0.8 + 0.1
+    up = _randn(1, 3, H, W, seed=4)
+    outs, grads = {}, {}
+    for backend in BACKENDS:
+        offset = torch.zeros(1, 18, H, W, requires_grad=True)
+        y = modulated_deform_conv2d(x, offset, mask, weight, None, padding=1,
+                                    backend=backend)
+        (y * up).sum().backward()
+        outs[backend], grads[backend] = y.detach(), offset.grad[0]
+    torch.testing.assert_close(outs['torchvision'], outs['mmcv'])
+    taps = _border_taps(H, W)
+    differ = (grads['torchvision'] - grads['mmcv']).abs() > 1e-5
+    assert torch.equal(differ, taps)  # 2 x 3 x (W + H) - 4 = 62 entries
+    assert int(taps.sum()) == 3 * W + 3 * H - 4
+    assert torch.all(grads['mmcv'][taps] == 0)
+    torch.testing.assert_close(grads['torchvision'][~taps],
+                               grads['mmcv'][~taps], rtol=1e-4, atol=1e-5)
+
+    # which side each backend takes: finite differences (float64, the
+    # sampled value is linear on each side) moving all those taps inwards
+    # match torchvision's sum, outwards mmcv's (0)
+    def loss(offset):
+        y = modulated_deform_conv2d(x.double(), offset, mask.double(),
+                                    weight.double(), None, padding=1)
+        return float((y * up.double()).sum())
+
+    h = 1e-3
+    zero = torch.zeros(1, 18, H, W, dtype=torch.float64)
+    step = taps[None].double() * h
+    inward = (loss(zero + step) - loss(zero)) / h
+    outward = (loss(zero) - loss(zero - step)) / h
+    assert inward == pytest.approx(float(grads['torchvision'][taps].sum()),
+                                   rel=1e-4)
+    assert outward == pytest.approx(0.0, abs=1e-9)
+
+
 def test_mmcv_dcnv2_pack_loads_our_weights_and_agrees():
     """mmcv's own ``DCNv2`` layer (ModulatedDeformConv2dPack, which chunks
     its offset-conv output into o1, o2, mask) loads our state dict as it is

@@ -241,7 +241,12 @@ class DeformableRefine(nn.Module):
         text_dims: Cp, width of ``state``.
         text_channels: E, width of W_s s (64).
         backend: ``'torchvision'`` (default) or ``'mmcv'``; the same
-            parameters give the same output under either.
+            parameters give the same output under either, and the same
+            gradients except for taps exactly on the top / left padding
+            line (mmcv: 0, torchvision: the inward derivative; every
+            border tap at initialisation; docs/peers.md). torchvision is
+            the default because its CPU and CUDA kernels agree and ship
+            with torch.
         norm_cfg: the norm after the DCN (BN).
         se_ratio: r of the SE block (16); ``None``: no SE.
         se_text_cond / se_zero_init: :class:`SegVLMSEBlock`'s
