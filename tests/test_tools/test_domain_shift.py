@@ -95,7 +95,8 @@ def test_pyramid_backbone_resamples_and_selects_bands():
 def test_variant_configs_share_foundation_head_and_budget():
     cfgs = {variant_name(c): Config.fromfile(str(ROOT / c))
             for c in ds.VARIANTS}
-    assert list(cfgs) == ['head-only', 'sera-image', 'spectralmoe']
+    assert list(cfgs) == ['head-only', 'sera-image', 'spectralmoe',
+                          'spectralmoe-released']
     pre = Config.fromfile(str(ROOT / ds.PRETRAIN))
     for name, cfg in cfgs.items():
         tower = cfg.model.backbone.backbone
@@ -123,6 +124,14 @@ def test_variant_configs_share_foundation_head_and_budget():
     for key in ('arch', 'patch_size', 'img_size', 'in_channels'):
         assert moe.second[key] == rgb.backbone[key], key
     assert moe.second.trainable == 'frozen'
+    # the release-faithful variant differs from (c) in its adapter only
+    released = cfgs['spectralmoe-released'].model.backbone
+    assert released.second == moe.second
+    assert released.second_bands == moe.second_bands
+    adapter, = released.backbone.adapters
+    assert adapter.released_compat is True and adapter.insert == (0, 1, 2, 3)
+    for key in ('fusion', 'num_experts', 'token_length', 'rank'):
+        assert key not in adapter, key  # the released defaults apply
     # the pretraining set is not the benchmark set
     assert pre.pretrain_set.seed != 0 and pre.pretrain_set.random_domains
     assert len(pre.train_dataloader.dataset.datasets) == len(
@@ -240,7 +249,8 @@ def test_benchmark_end_to_end_at_a_toy_budget(tmp_path, in_process):
         '--pretrain-root', str(tmp_path / 'pre'), '--num-train', '2',
         '--num-val', '1', '--cfg-options', 'train_cfg.max_epochs=1'
     ])
-    names = ['head-only', 'sera-image', 'spectralmoe']
+    names = ['head-only', 'sera-image', 'spectralmoe',
+             'spectralmoe-released']
     rows = {r['name']: r for r in report['variants']}
     assert list(rows) == names
     # the table: every variant x domain, mIoU in [0, 100]
@@ -288,11 +298,15 @@ def test_benchmark_end_to_end_at_a_toy_budget(tmp_path, in_process):
         head = [k for k in state if k.startswith('decode_head.')]
         assert head and any(not torch.equal(state[k], pre[k])
                             for k in head if k in pre)
-        if name == 'spectralmoe':
+        if name.startswith('spectralmoe'):
             for k, v in rgb.items():
                 assert torch.equal(state['backbone.second.' + k], v), k
         adapters = [k for k in state if '.adapters.' in k]
         assert bool(adapters) == (name != 'head-only')
+        if name.startswith('spectralmoe'):  # E x T x r: released 6, 100, 16
+            assert state['backbone.backbone.adapters.0.experts.tokens_a'
+                         ].shape == ((6, 100, 16) if name.endswith('released')
+                                     else (4, 16, 8))
         if name == 'sera-image':  # zero-initialised, so it trained
             assert state['backbone.backbone.adapters.0.up_proj.weight'].abs(
             ).sum() > 0
@@ -309,12 +323,15 @@ def test_benchmark_end_to_end_at_a_toy_budget(tmp_path, in_process):
     assert p['head-only']['adapters_trainable'] == 0
     assert p['head-only']['trainable'] == p['head-only']['head']
     assert 0 < p['sera-image']['adapters_trainable']
-    assert 0 < p['spectralmoe']['adapters_trainable']
     assert p['sera-image']['frozen'] == p['head-only']['frozen']
-    assert p['spectralmoe']['frozen'] == (p['head-only']['frozen'] +
-                                          p['spectralmoe']['second'])
-    assert p['spectralmoe']['second'] == sum(v.numel() for k, v in rgb.items()
-                                             if k != 'pos_resampling')
+    for name in ('spectralmoe', 'spectralmoe-released'):
+        assert 0 < p[name]['adapters_trainable']
+        assert p[name]['frozen'] == (p['head-only']['frozen'] +
+                                     p[name]['second'])
+        assert p[name]['second'] == sum(v.numel() for k, v in rgb.items()
+                                        if k != 'pos_resampling')
+    assert (p['spectralmoe-released']['adapters_trainable'] !=
+            p['spectralmoe']['adapters_trainable'])
 
 
 def test_counts_of_a_built_variant():

@@ -51,7 +51,8 @@ CONFIGS = osp.join('configs', 'spectralmoe')
 VARIANTS = [
     osp.join(CONFIGS, f'domain-shift_{v}_dinov2-tiny-frozen_1xb8-20e_'
              'synthetic-multispectral-56x56.py')
-    for v in ('head-only', 'sera-image', 'spectralmoe')
+    for v in ('head-only', 'sera-image', 'spectralmoe',
+              'spectralmoe-released')
 ]
 PRETRAIN = osp.join(CONFIGS, 'pretrain_dinov2-tiny_1xb16-12e_synthetic-'
                     'multispectral-random8-56x56.py')
