@@ -19,9 +19,13 @@ DEFAULT_PR_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
 #: Pr@ thresholds of the GRES protocol
 GRES_PR_THRESHOLDS = (0.7, 0.8, 0.9)
 #: ``'res'``: mIoU / oIoU / Pr@t; ``'gres'``: the GRES paper's gIoU, cIoU,
-#: Pr@t, N-acc, T-acc; ``'gres-rela'``: the same as the released ReLA code
-#: computes them (see :func:`gres_scores`)
-PROTOCOLS = ('res', 'gres', 'gres-rela')
+#: Pr@t, N-acc, T-acc; ``'gres-rela'`` / ``'gres-rela-fixed'``: the same as
+#: the released ReLA evaluator computes them, first release / after its
+#: accuracy fix (see :func:`gres_scores`)
+PROTOCOLS = ('res', 'gres', 'gres-rela', 'gres-rela-fixed')
+#: protocol -> ``definition`` of :func:`gres_scores`
+_DEFINITIONS = {'gres': 'paper', 'gres-rela': 'rela',
+                'gres-rela-fixed': 'rela-fixed'}
 #: the data-sample field (metainfo or data field) where a model states
 #: "the sentence names nothing": a bool, or a one-element tensor / array
 PRED_NO_TARGET_KEY = 'pred_no_target'
@@ -90,15 +94,22 @@ def gres_scores(intersections: Sequence[float], unions: Sequence[float],
         Pr@t  = 100 * #{k : ~n_k, IoU_k > t} / #{k : ~n_k}
         N-acc = 100 * TP / (TP + FN);  T-acc = 100 * TN / (TN + FP)
 
-    ``definition='rela'`` (the released ReLA evaluator, its quirks kept):
-    a "no target" answer keeps the predicted mask's union on a target
-    sample (I'_k = 0 but U'_k = U_k, FP) and adds nothing on a no-target
-    sample (U'_k = 0, TP); ``Pr@t`` counts IoU_k >= t; the accuracies are
+    ``definition='rela'`` (the ReLA evaluator as first released,
+    github.com/henghuiding/ReLA at a389648, its quirks kept): a "no
+    target" answer keeps the predicted mask's union on a target sample
+    (I'_k = 0 but U'_k = U_k, FP) and adds nothing on a no-target sample
+    (U'_k = 0, TP); ``Pr@t`` counts IoU_k >= t; the accuracies are
     fractions in [0, 1] with +1 smoothing, and its ``T_acc`` is the
     precision of the no-target calls, not the paper's T-acc::
 
         N_acc = TP / (TP + FN + 1);  T_acc = TP / (TP + FP + 1)
         (both 0 when the set has no no-target sample)
+
+    ``definition='rela-fixed'`` (ReLA since its commit 884ef17, "fix eval
+    metrics"): as ``'rela'``, but the accuracies are the paper's ratios,
+    still fractions and still 0 without a no-target sample::
+
+        N_acc = TP / (TP + FN);  T_acc = TN / (TN + FP)
 
     Where the release divides by zero (sum U' = 0, no target sample) and
     where the paper's ratios are empty (no no-target sample for N-acc, no
@@ -109,11 +120,11 @@ def gres_scores(intersections: Sequence[float], unions: Sequence[float],
 
     Returns:
         dict: ``gIoU``, ``cIoU``, ``Pr@<t>`` and ``N-acc``, ``T-acc``
-        (paper) or ``N_acc``, ``T_acc`` (rela, fractions).
+        (paper) or ``N_acc``, ``T_acc`` (rela, rela-fixed: fractions).
     """
-    if definition not in ('paper', 'rela'):
-        raise ValueError(
-            f"definition must be 'paper' or 'rela', got {definition!r}")
+    if definition not in ('paper', 'rela', 'rela-fixed'):
+        raise ValueError("definition must be 'paper', 'rela' or "
+                         f"'rela-fixed', got {definition!r}")
     inter = np.asarray(intersections, dtype=np.float64)
     union = np.asarray(unions, dtype=np.float64)
     area = np.asarray(gt_areas, dtype=np.float64)
@@ -144,11 +155,14 @@ def gres_scores(intersections: Sequence[float], unions: Sequence[float],
     if definition == 'paper':
         out['N-acc'] = _ratio(n_tp, n_tp + n_fn)
         out['T-acc'] = _ratio(n_tn, n_tn + n_fp)
-    elif n_tp + n_fn > 0:
+    elif n_tp + n_fn == 0:
+        out['N_acc'] = out['T_acc'] = 0.0
+    elif definition == 'rela':
         out['N_acc'] = n_tp / (n_tp + n_fn + 1)
         out['T_acc'] = n_tp / (n_tp + n_fp + 1)
     else:
-        out['N_acc'] = out['T_acc'] = 0.0
+        out['N_acc'] = _ratio(n_tp, n_tp + n_fn, 1.0)
+        out['T_acc'] = _ratio(n_tn, n_tn + n_fp, 1.0)
     return out
 
 
@@ -237,7 +251,12 @@ class ReferSegMetric(BaseMetric):
       (``definition='rela'``): ``Pr@t`` with ``>=``, the union of the
       actual prediction kept for a wrong "no target", and ``N_acc``,
       ``T_acc`` as fractions with +1 smoothing (``T_acc`` is the precision
-      of the no-target calls).  Say which one a table uses.
+      of the no-target calls), as first released.
+    - ``'gres-rela-fixed'``: as ``'gres-rela'`` but ``N_acc``, ``T_acc``
+      are the paper's ratios (as fractions), as ReLA computes them since
+      its "fix eval metrics" commit.
+
+    Say which protocol a table uses.
 
     On a set without no-target samples (and without a model flag) gIoU and
     cIoU equal mIoU and oIoU.
@@ -257,8 +276,8 @@ class ReferSegMetric(BaseMetric):
             ``'none'``), and with a GRES protocol also ``gIoU_``,
             ``cIoU_``, ``N-acc_``, ``T-acc_`` (``N_acc_``, ``T_acc_``)
             per value. Default: None.
-        protocol (str): ``'res'``, ``'gres'`` or ``'gres-rela'`` (see
-            above). Default: ``'res'``.
+        protocol (str): ``'res'``, ``'gres'``, ``'gres-rela'`` or
+            ``'gres-rela-fixed'`` (see above). Default: ``'res'``.
         out_file (str, optional): JSON file for the per-expression records
             ``{ref_id, sent_id, iou, I, U, no_target, pred_no_target
             [, group]}`` (``iou`` = I / U of the masks), written on rank 0.
@@ -394,7 +413,7 @@ class ReferSegMetric(BaseMetric):
             inter, union, [r['G'] for r in results],
             [r['no_target'] for r in results],
             [r['pred_no_target'] for r in results], pr_thresholds,
-            definition='paper' if self.protocol == 'gres' else 'rela')
+            definition=_DEFINITIONS[self.protocol])
         out.update(mIoU=plain['mIoU'], oIoU=plain['oIoU'])
         return out
 

@@ -127,11 +127,14 @@ def _independent(cases, definition, thresholds=(0.7, 0.8, 0.9)):
     if definition == 'paper':
         out['N-acc'] = 100.0 * tp / (tp + fn) if tp + fn else 0.0
         out['T-acc'] = 100.0 * tn / (tn + fp) if tn + fp else 0.0
-    elif tp + fn:
+    elif not tp + fn:
+        out['N_acc'] = out['T_acc'] = 0.0
+    elif definition == 'rela':      # first release: +1, T_acc = precision
         out['N_acc'] = tp / (tp + fn + 1)
         out['T_acc'] = tp / (tp + fp + 1)
-    else:
-        out['N_acc'] = out['T_acc'] = 0.0
+    else:                           # after ReLA's "fix eval metrics"
+        out['N_acc'] = tp / (tp + fn)
+        out['T_acc'] = tn / (tn + fp) if tn + fp else 0.0
     return out, ious
 
 
@@ -149,7 +152,8 @@ def _samples(cases):
 
 
 @pytest.mark.parametrize('protocol,definition',
-                         [('gres', 'paper'), ('gres-rela', 'rela')])
+                         [('gres', 'paper'), ('gres-rela', 'rela'),
+                          ('gres-rela-fixed', 'rela-fixed')])
 def test_matches_independent_loops(protocol, definition):
     cases = _gres_cases()
     got = _run(ReferSegMetric(protocol=protocol), _samples(cases))
@@ -167,6 +171,11 @@ def test_matches_independent_loops(protocol, definition):
     assert paper['T-acc'] == pytest.approx(100 * 6 / 9)
     assert paper['N-acc'] == pytest.approx(50.0)
     assert rela['N_acc'] == pytest.approx(2 / 5)
+    fixed, _ = _independent(cases, 'rela-fixed')
+    assert fixed['N_acc'] == pytest.approx(paper['N-acc'] / 100)
+    assert fixed['T_acc'] == pytest.approx(paper['T-acc'] / 100)
+    assert fixed['cIoU'] == rela['cIoU'] and fixed['Pr@0.7'] == rela[
+        'Pr@0.7']
 
 
 def test_per_kind_scores():
@@ -201,7 +210,8 @@ def _no_empty_cases():
     return cases
 
 
-@pytest.mark.parametrize('protocol', ['gres', 'gres-rela'])
+@pytest.mark.parametrize('protocol',
+                         ['gres', 'gres-rela', 'gres-rela-fixed'])
 def test_equals_res_scores_without_empty_samples(protocol):
     cases = _no_empty_cases()
     samples = [_sample(p, gt) for p, gt in cases]
@@ -230,13 +240,16 @@ def test_empty_denominators_give_defined_values():
     rela = _run(ReferSegMetric(protocol='gres-rela'), only_nt)
     assert rela['N_acc'] == pytest.approx(2 / 3)
     assert rela['T_acc'] == pytest.approx(2 / 3)
+    fixed = _run(ReferSegMetric(protocol='gres-rela-fixed'), only_nt)
+    assert fixed['N_acc'] == 1.0 and fixed['T_acc'] == 0.0
     # only target samples: no N-acc denominator
     only_t = [_sample(g, g), _sample(z, g)]
     paper = _run(ReferSegMetric(protocol='gres'), only_t)
     assert paper['N-acc'] == 0.0 and paper['T-acc'] == 50.0
     assert paper['gIoU'] == 50.0
-    rela = _run(ReferSegMetric(protocol='gres-rela'), only_t)
-    assert rela['N_acc'] == 0.0 and rela['T_acc'] == 0.0
+    for protocol in ('gres-rela', 'gres-rela-fixed'):
+        rela = _run(ReferSegMetric(protocol=protocol), only_t)
+        assert rela['N_acc'] == 0.0 and rela['T_acc'] == 0.0
     # nothing at all
     out = gres_scores([], [], [], [], [])
     assert out == {'gIoU': 0.0, 'cIoU': 0.0, 'Pr@0.7': 0.0, 'Pr@0.8': 0.0,

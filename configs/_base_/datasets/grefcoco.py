@@ -7,8 +7,8 @@
 # split (the GRES protocol).  PackReferSegInputs packs the ground-truth
 # no-target flag (metainfo `no_target`); the metric scores gIoU, cIoU,
 # Pr@0.7/0.8/0.9, N-acc and T-acc by the paper's definitions (for the
-# released ReLA evaluator's numbers:
-#   --cfg-options test_evaluator.protocol=gres-rela).
+# numbers of ReLA's evaluator as first released, or after its accuracy fix:
+#   --cfg-options test_evaluator.protocol=gres-rela   (gres-rela-fixed)).
 # Evaluate the other splits with
 #   --cfg-options test_dataloader.dataset.split=testA
 _base_ = ['./refcoco.py']
