@@ -277,3 +277,45 @@ def test_flags_and_errors(tmp_path):
         ReferSegMetric(protocol='grES')
     with pytest.raises(ValueError, match='definition'):
         gres_scores([1], [1], [1], [False], [False], definition='release')
+
+
+def test_a_models_predictions_and_flag_reach_the_metric(tmp_path):
+    """The tiny SERA model's test_step keeps the packed no_target flag,
+    and a pred_no_target that a head sets on its outputs is what the
+    metric reads (here set by hand: no head predicts it yet)."""
+    from mmengine.config import Config
+    from mmengine.registry import DefaultScope
+    from mmengine.runner import Runner
+
+    from mmseg.registry import MODELS
+    from mmseg_sera.datasets.synthetic_gres import generate_grefer_set
+    from tests.conftest import REPO, TINY_CONFIG
+
+    generate_grefer_set(str(tmp_path), num_images=6, img_size=112, seed=2,
+                        progress=False)
+    data_cfg = Config.fromfile(
+        f'{REPO}/configs/_base_/datasets/synthetic_grefer.py')
+    with DefaultScope.overwrite_default_scope('mmseg'):
+        loader_cfg = data_cfg.val_dataloader.copy()
+        loader_cfg.update(num_workers=0, persistent_workers=False,
+                          batch_size=64)
+        loader_cfg.dataset.update(data_root=str(tmp_path), split='train')
+        batch = next(iter(Runner.build_dataloader(loader_cfg, seed=0)))
+        torch.manual_seed(0)
+        model = MODELS.build(Config.fromfile(TINY_CONFIG).model).eval()
+        with torch.no_grad():
+            outputs = model.test_step(batch)
+    flags = [s.no_target for s in batch['data_samples']]
+    assert [o.no_target for o in outputs] == flags
+    assert any(flags) and not all(flags)
+    cases = []
+    for k, o in enumerate(outputs):
+        pred_nt = k % 3 == 0
+        o.set_metainfo(dict(pred_no_target=pred_nt))
+        cases.append((o.pred_sem_seg.data[0].numpy(),
+                      o.gt_sem_seg.data[0].numpy(), o.no_target, pred_nt,
+                      o.kind))
+    got = _run(ReferSegMetric(protocol='gres'), outputs, batch=8)
+    want, _ = _independent(cases, 'paper')
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value, abs=1e-9), key
