@@ -1,5 +1,6 @@
 """Datasets and pipeline transforms (registered in mmseg's DATASETS and
 TRANSFORMS).  Nothing here imports ``mmseg_sera.models``."""
+from .grefcoco import GREFCOCO_SPLITS, GRefCocoDataset, merge_target_masks
 from .multispectral import (LoadMultiBandImageFromFile,
                             SyntheticMultispectralDataset)
 from .phrasecut import (PHRASECUT_SPLITS, PhraseCutDataset,
@@ -15,5 +16,6 @@ __all__ = [
     'UnsafePickleError', 'safe_load_pickle', 'safe_loads_pickle',
     'PhraseCutDataset', 'PHRASECUT_SPLITS', 'phrasecut_splits',
     'phrasecut_polygons_to_mask', 'SyntheticMultispectralDataset',
-    'LoadMultiBandImageFromFile'
+    'LoadMultiBandImageFromFile', 'GRefCocoDataset', 'GREFCOCO_SPLITS',
+    'merge_target_masks'
 ] + list(_transforms_all)

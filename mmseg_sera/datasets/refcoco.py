@@ -142,6 +142,12 @@ class RefCocoDataset(BaseDataset):
 
     METAINFO = dict(classes=('background', 'object'),
                     palette=[[0, 0, 0], [255, 255, 255]])
+    #: dataset -> split_by -> valid splits (subclasses name their own)
+    SPLITS: Dict[str, Dict[str, Tuple[str, ...]]] = VALID_SPLITS
+    #: stem of the refs file, ``<stem>(<split_by>)<ext>``
+    REFS_STEM = 'refs'
+    #: extensions of the refs file, in the order they are looked for
+    REFS_EXTS: Tuple[str, ...] = ('.p', '.json')
 
     def __init__(self,
                  *,
@@ -162,20 +168,21 @@ class RefCocoDataset(BaseDataset):
                  serialize_data: bool = True,
                  lazy_init: bool = False,
                  max_refetch: int = 1000) -> None:
-        if dataset not in VALID_SPLITS:
+        splits = self.SPLITS
+        if dataset not in splits:
             raise ValueError(
-                f'unknown dataset {dataset!r}; valid: {sorted(VALID_SPLITS)}')
-        if split_by not in VALID_SPLITS[dataset]:
+                f'unknown dataset {dataset!r}; valid: {sorted(splits)}')
+        if split_by not in splits[dataset]:
             raise ValueError(
                 f'unknown split_by {split_by!r} for {dataset}; valid: '
-                f'{sorted(VALID_SPLITS[dataset])}')
-        valid = VALID_SPLITS[dataset][split_by]
+                f'{sorted(splits[dataset])}')
+        valid = splits[dataset][split_by]
         if split not in valid:
             raise ValueError(
                 f'unknown split {split!r} for {dataset} ({split_by}); valid '
                 f'splits: {list(valid)}')
         if sentence_sampling is None:
-            sentence_sampling = 'all' if test_mode else 'random'
+            sentence_sampling = self._default_sampling(test_mode)
         if sentence_sampling not in SENTENCE_SAMPLING:
             raise ValueError(
                 f'sentence_sampling must be one of {SENTENCE_SAMPLING}, got '
@@ -211,25 +218,38 @@ class RefCocoDataset(BaseDataset):
         self._metainfo.update(
             dataset=dataset, split_by=split_by, split=split)
 
+    @staticmethod
+    def _default_sampling(test_mode: bool) -> str:
+        """``sentence_sampling`` when none is given."""
+        return 'all' if test_mode else 'random'
+
+    def _missing_hint(self) -> str:
+        """Appended to the error of a missing refs / instances file."""
+        return ''
+
     # ------------------------------------------------------------------ files
     def resolve_refs_file(self) -> str:
         """Path of the refs file: ``refs_file`` if given (relative to
-        ``data_root``), else ``<dataset>/refs(<split_by>).p`` or its
-        ``.json`` export."""
+        ``data_root``), else ``<dataset>/<REFS_STEM>(<split_by>)`` with the
+        first extension of ``REFS_EXTS`` that exists (``refs(unc).p`` or
+        its ``.json`` export for RefCOCO)."""
         if self.refs_file is not None:
             path = self.refs_file
             if self.data_root and not osp.isabs(path):
                 path = osp.join(self.data_root, path)
             if not osp.isfile(path):
-                raise FileNotFoundError(f'refs file not found: {path}')
+                raise FileNotFoundError(
+                    f'refs file not found: {path}{self._missing_hint()}')
             return path
         stem = osp.join(self.data_root or '', self.dataset_name,
-                        f'refs({self.split_by})')
-        for ext in ('.p', '.json'):
+                        f'{self.REFS_STEM}({self.split_by})')
+        for ext in self.REFS_EXTS:
             if osp.isfile(stem + ext):
                 return stem + ext
+        first, *others = [stem + ext for ext in self.REFS_EXTS]
         raise FileNotFoundError(
-            f'refs file not found: {stem}.p (nor its JSON export {stem}.json)')
+            f'refs file not found: {first} (nor {" nor ".join(others)})'
+            f'{self._missing_hint()}')
 
     def load_data_list(self) -> List[dict]:
         """Index the refs of ``split``: dictionary look-ups only, no mask
@@ -240,7 +260,8 @@ class RefCocoDataset(BaseDataset):
     def _load_data_list(self) -> List[dict]:
         if not osp.isfile(self.ann_file):
             raise FileNotFoundError(
-                f'annotation file not found: {self.ann_file}')
+                f'annotation file not found: {self.ann_file}'
+                f'{self._missing_hint()}')
         refs_path = self.resolve_refs_file()
         with open(self.ann_file, 'r', encoding='utf-8') as f:
             instances = json.load(f)
@@ -263,22 +284,13 @@ class RefCocoDataset(BaseDataset):
         for ref in refs:
             if ref.get('split') != self.split:
                 continue
-            ref_id, ann_id = ref.get('ref_id'), ref.get('ann_id')
-            image_id = ref.get('image_id')
-            ann = anns.get(ann_id)
-            if ann is None:
-                raise ValueError(
-                    f'ref {ref_id} in {refs_path} refers to ann_id {ann_id}, '
-                    f'which is not in {self.ann_file}')
+            ref_id, image_id = ref.get('ref_id'), ref.get('image_id')
             img = images.get(image_id)
             if img is None:
                 raise ValueError(
                     f'ref {ref_id} in {refs_path} refers to image_id '
                     f'{image_id}, which is not in {self.ann_file}')
-            if ann.get('image_id', image_id) != image_id:
-                raise ValueError(
-                    f'ref {ref_id}: ann {ann_id} belongs to image '
-                    f'{ann.get("image_id")}, the ref says {image_id}')
+            target = self._ref_target(ref, anns, refs_path)
 
             sentences, sent_ids, kinds = [], [], []
             for sent in ref.get('sentences', ()):
@@ -305,13 +317,10 @@ class RefCocoDataset(BaseDataset):
                 img_path=img_path,
                 image_id=image_id,
                 ref_id=ref_id,
-                ann_id=ann_id,
-                category_id=ref.get('category_id', ann.get('category_id')),
                 split=self.split,
-                segmentation=ann['segmentation'],
-                iscrowd=ann.get('iscrowd', 0),
                 height=img['height'],
-                width=img['width'])
+                width=img['width'],
+                **target)
             has_kinds = len(kinds) == len(sentences)
             if sampling == 'all':
                 for i, text in enumerate(sentences):
@@ -346,3 +355,29 @@ class RefCocoDataset(BaseDataset):
                 if not osp.isfile(path):
                     raise FileNotFoundError(f'image file not found: {path}')
         return data_list
+
+    def _ref_target(self, ref: dict, anns: Dict[Any, dict],
+                    refs_path: str) -> dict:
+        """The item fields that describe a ref's target: ``ann_id``,
+        ``category_id``, ``segmentation``, ``iscrowd``.
+
+        Raises:
+            ValueError: the ann id is not in ``instances.json``, or its
+                annotation belongs to another image than the ref's.
+        """
+        ref_id, ann_id = ref.get('ref_id'), ref.get('ann_id')
+        image_id = ref.get('image_id')
+        ann = anns.get(ann_id)
+        if ann is None:
+            raise ValueError(
+                f'ref {ref_id} in {refs_path} refers to ann_id {ann_id}, '
+                f'which is not in {self.ann_file}')
+        if ann.get('image_id', image_id) != image_id:
+            raise ValueError(
+                f'ref {ref_id}: ann {ann_id} belongs to image '
+                f'{ann.get("image_id")}, the ref says {image_id}')
+        return dict(
+            ann_id=ann_id,
+            category_id=ref.get('category_id', ann.get('category_id')),
+            segmentation=ann['segmentation'],
+            iscrowd=ann.get('iscrowd', 0))

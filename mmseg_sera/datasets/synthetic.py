@@ -47,7 +47,7 @@ import os.path as osp
 import pickle
 import re
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pycocotools.mask as mask_utils
@@ -370,9 +370,28 @@ def _segmentation(obj: SynthObject, ann_index: int):
     return [obj.polygon]
 
 
+def _annotation(obj: SynthObject, ann_id: int, image_id: int) -> dict:
+    """The COCO annotation of one shape; ``attributes`` (shape, colour,
+    size) describe the scene for checks of the sentences."""
+    ys, xs = np.nonzero(obj.mask)
+    x0, y0 = int(xs.min()), int(ys.min())
+    return dict(
+        id=ann_id, image_id=image_id, category_id=_CAT_ID[obj.shape],
+        segmentation=_segmentation(obj, ann_id),
+        area=float(obj.mask.sum()),
+        bbox=[float(x0), float(y0), float(xs.max() - x0 + 1),
+              float(ys.max() - y0 + 1)],
+        iscrowd=0,
+        attributes=dict(shape=obj.shape, colour=obj.colour, size=obj.size))
+
+
 def _pick_sentences(rng: np.random.Generator, cands: Dict[str, List[dict]],
-                    num: int) -> List[dict]:
-    kinds = [k for k in ('attribute', 'position', 'relation') if cands[k]]
+                    num: int,
+                    render: Callable[[dict], str] = render_sentence
+                    ) -> List[dict]:
+    """Up to ``num`` distinct sentences, taken in turn from the kinds of
+    ``cands`` (in their order, shuffled) that have any."""
+    kinds = [k for k in cands if cands[k]]
     rng.shuffle(kinds)
     chosen: List[dict] = []
     texts = set()
@@ -382,7 +401,7 @@ def _pick_sentences(rng: np.random.Generator, cands: Dict[str, List[dict]],
             if len(chosen) >= num or not pools[kind]:
                 continue
             spec = pools[kind].pop(int(rng.integers(len(pools[kind]))))
-            text = render_sentence(spec)
+            text = render(spec)
             if text not in texts:
                 texts.add(text)
                 chosen.append(dict(spec, text=text))
@@ -449,18 +468,7 @@ def generate_refer_set(out_dir: str,
         for obj in objects:
             ann_id += 1
             obj_ann_ids.append(ann_id)
-            ys, xs = np.nonzero(obj.mask)
-            x0, y0 = int(xs.min()), int(ys.min())
-            annotations.append(dict(
-                id=ann_id, image_id=image_id,
-                category_id=_CAT_ID[obj.shape],
-                segmentation=_segmentation(obj, ann_id),
-                area=float(obj.mask.sum()),
-                bbox=[float(x0), float(y0), float(xs.max() - x0 + 1),
-                      float(ys.max() - y0 + 1)],
-                iscrowd=0,
-                attributes=dict(shape=obj.shape, colour=obj.colour,
-                                size=obj.size)))
+            annotations.append(_annotation(obj, ann_id, image_id))
         lo, hi = cfg.refs_per_image
         n_refs = int(rng.integers(lo, hi + 1))
         order = rng.permutation(len(objects))

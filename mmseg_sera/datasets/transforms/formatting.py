@@ -16,7 +16,7 @@ REFER_META_KEYS = (
     'img_path', 'ori_shape', 'img_shape', 'pad_shape', 'padding_size',
     'scale_factor', 'resized_shape', 'flip', 'flip_direction',
     'text', 'ref_id', 'sent_id', 'ann_id', 'image_id', 'category_id', 'kind',
-    'split')
+    'split', 'no_target')
 
 
 @TRANSFORMS.register_module()
@@ -36,7 +36,9 @@ class PackReferSegInputs(BaseTransform):
       (``ReferResizePad(mask_interp='bilinear')``); the heads then train on
       it, while ``gt_sem_seg`` stays the binary mask of the metrics.
     - ``data_samples.metainfo``: the keys of ``meta_keys`` found in the
-      results; ``text`` (the cleaned sentence) is required.
+      results; ``text`` (the cleaned sentence) is required.  ``no_target``
+      (bool, from :class:`GRefCocoDataset`) says that the sentence names
+      nothing; ``ReferSegMetric`` reads it as the ground-truth flag.
 
     Args:
         meta_keys (Sequence[str]): metainfo keys to copy when present.
