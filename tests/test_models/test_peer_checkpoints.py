@@ -523,3 +523,23 @@ def test_error_tower_of_another_size(detris, tmp_path, capsys):
     expect_error(detris, [detris.src, str(tmp_path / 'x.pth'), '--config',
                           detris.config, '--dinov2', detris.src], capsys,
                  'not a DINOv2 state dict')
+
+
+def test_partial_load_into_a_hybrid_config(detris, tmp_path, capsys):
+    """The converted DETRIS file initialises the DETRIS-DA + SERA-Fusion
+    hybrid: towers and Dense Aligners loaded, the rest kept and logged."""
+    dst = convert(detris, tmp_path)
+    capsys.readouterr()
+    model = init_model(HYBRID_CFG, dst)
+    state = model.state_dict()
+    shared = {k for k in state if k in detris.ours}
+    assert {k for k in shared if '.adapters.parallel_mlp.' in k} == {
+        k for k in detris.ours if '.adapters.parallel_mlp.' in k}
+    for k in shared:
+        assert torch.equal(state[k], detris.ours[k]), k
+    own = [k for k in state if k not in detris.ours]
+    assert own and all(k.startswith(('neck.', 'decode_head.')) for k in own)
+    log = capsys.readouterr().out
+    assert 'missing keys in source state_dict' in log
+    assert 'unexpected key in source state_dict' in log
+    assert 'text_encoder.adapters.parallel_mlp_text.1.fc1.weight' in log
