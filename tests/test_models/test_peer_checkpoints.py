@@ -16,7 +16,7 @@ import os.path as osp
 import pytest
 import torch
 
-from mmseg_sera.apis import init_model
+from mmseg_sera.apis import inference, init_model
 from mmseg_sera.models import peer_checkpoints as pc
 
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
@@ -525,11 +525,15 @@ def test_error_tower_of_another_size(detris, tmp_path, capsys):
                  'not a DINOv2 state dict')
 
 
-def test_partial_load_into_a_hybrid_config(detris, tmp_path, capsys):
+def test_partial_load_into_a_hybrid_config(detris, tmp_path, capfd,
+                                           monkeypatch):
     """The converted DETRIS file initialises the DETRIS-DA + SERA-Fusion
     hybrid: towers and Dense Aligners loaded, the rest kept and logged."""
     dst = convert(detris, tmp_path)
-    capsys.readouterr()
+    capfd.readouterr()
+    logged = []
+    monkeypatch.setattr(inference, 'print_log',
+                        lambda msg, **kw: logged.append(msg))
     model = init_model(HYBRID_CFG, dst)
     state = model.state_dict()
     shared = {k for k in state if k in detris.ours}
@@ -539,7 +543,17 @@ def test_partial_load_into_a_hybrid_config(detris, tmp_path, capsys):
         assert torch.equal(state[k], detris.ours[k]), k
     own = [k for k in state if k not in detris.ours]
     assert own and all(k.startswith(('neck.', 'decode_head.')) for k in own)
-    log = capsys.readouterr().out
+    captured = capfd.readouterr()
+    log = captured.out + captured.err
     assert 'missing keys in source state_dict' in log
     assert 'unexpected key in source state_dict' in log
     assert 'text_encoder.adapters.parallel_mlp_text.1.fc1.weight' in log
+    n = len(shared)
+    summary, = logged
+    assert f"loaded {n} of the model's {len(state)} tensors" in summary
+    kept, unused = summary.split('; not in the checkpoint')[1].split(
+        '; in the checkpoint, not used: ')
+    assert 'neck.' in kept and 'decode_head.' in kept
+    assert 'backbone' not in kept and 'text_encoder' not in kept
+    n_ta = sum('.parallel_mlp_text.' in k for k in detris.ours)
+    assert f'text_encoder.adapters.parallel_mlp_text: {n_ta}' in unused
