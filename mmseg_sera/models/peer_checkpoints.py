@@ -436,6 +436,11 @@ def check_keys(state_dict: Mapping[str, Tensor],
                  for k in missing[:10]]
         lines.append(f'  {len(missing)} missing: {named}'
                      f'{" ..." if len(missing) > 10 else ""}')
+        if any(_FROZEN[peer].match(k) for k in missing):
+            lines.append('  (frozen tower tensors are among them: for a file '
+                         'saved without its towers, give the DINOv2 / CLIP '
+                         'files: --dinov2 / --clip, or the config\'s tower '
+                         'checkpoints in place)')
     if unexpected:
         lines.append(f'  {len(unexpected)} unexpected: {unexpected[:10]}'
                      f'{" ..." if len(unexpected) > 10 else ""}')

@@ -489,13 +489,30 @@ def test_towers_from_their_own_checkpoints(peer, tmp_path, capsys):
     from the file, not from CLIP)."""
     src, files = frozen_tower_files(peer, tmp_path)
     expect_error(peer, [src, str(tmp_path / 'x.pth'), '--config',
-                        peer.config], capsys, 'missing')
+                        peer.config], capsys, 'missing',
+                 'frozen tower tensors are among them')
     dst = convert(peer, tmp_path, *files, src=src)
     assert 'frozen tower tensors taken from' in capsys.readouterr().out
     state = torch.load(dst, weights_only=True)['state_dict']
     assert set(state) == set(peer.ours)
     for k, v in state.items():
         assert torch.equal(v, peer.ours[k]), k
+    # without --dinov2 / --clip: the tower files the config names
+    named = dict(zip(files[::2], files[1::2]))
+    if peer.peer == 'detris':
+        model = (f"dict(text_encoder=dict(pretrained={named['--clip']!r}), "
+                 "backbone=dict(init_cfg=dict(_delete_=True, "
+                 f"type='Pretrained', checkpoint={named['--dinov2']!r})))")
+    else:
+        model = (f"dict(text_encoder=dict(pretrained={named['--clip']!r}), "
+                 f"backbone=dict(pretrained={named['--clip']!r}))")
+    cfg = tmp_path / 'with_towers.py'
+    cfg.write_text(f'_base_ = [{peer.config!r}]\nmodel = {model}\n')
+    dst = str(tmp_path / 'from_config.pth')
+    assert peer.cli([src, dst, '--config', str(cfg)]) == 0
+    state = torch.load(dst, weights_only=True)['state_dict']
+    for k, v in peer.ours.items():
+        assert torch.equal(v, state[k]), k
 
 
 def test_etris_position_tables_never_come_from_clip(etris, tmp_path,

@@ -44,20 +44,39 @@ def read_checkpoint(path: str) -> Dict:
             f'a torch.save file): {str(err).splitlines()[0][:200]}') from err
 
 
-def expected_shapes(config: str) -> Dict[str, tuple]:
+def load_config(config: str):
+    """The config (a path, or relative to the repository)."""
+    from mmengine.config import Config
+    path = config if osp.isfile(config) else osp.join(REPO, config)
+    if not osp.isfile(path):
+        raise ValueError(f'config not found: {config}')
+    return Config.fromfile(path)
+
+
+def config_towers(cfg, peer: str) -> Dict[str, Optional[str]]:
+    """The tower files a config names (``--dinov2`` / ``--clip`` when not
+    given): DETRIS's backbone ``init_cfg`` checkpoint, the CLIP
+    ``pretrained`` paths."""
+    model = cfg.model
+    init = model.backbone.get('init_cfg') or {}
+    dinov2 = init.get('checkpoint') if peer == 'detris' else None
+    clip = model.text_encoder.get('pretrained') or (
+        model.backbone.get('pretrained') if peer == 'etris' else None)
+    return dict(dinov2=dinov2, clip=clip)
+
+
+def expected_shapes(cfg) -> Dict[str, tuple]:
     """key -> shape of the state dict of the config's model (built without
     loading any weights)."""
-    from mmengine.config import Config
+    import copy
+
     from mmengine.registry import init_default_scope
 
     from mmseg.registry import MODELS
     from mmseg_sera.apis.inference import _strip_pretrained
     import mmseg_sera  # noqa: F401  (registers the components)
 
-    path = config if osp.isfile(config) else osp.join(REPO, config)
-    if not osp.isfile(path):
-        raise ValueError(f'config not found: {config}')
-    cfg = Config.fromfile(path)
+    cfg = copy.deepcopy(cfg)
     _strip_pretrained(cfg.model)
     init_default_scope('mmseg')
     model = MODELS.build(cfg.model)
@@ -114,10 +133,19 @@ def forward(peer: str, args) -> None:
     if args.dry_run:
         for theirs, ours in pc.key_table(list(state), peer):
             print(f'{theirs:70s} -> {ours}')
-    dinov2 = getattr(args, 'dinov2', None)
-    towers = tower_tensors(peer, dinov2, args.clip)
+    cfg = load_config(args.config)
+    expected = expected_shapes(cfg)
     out = pc.peer_to_sera(state, peer)
-    expected = expected_shapes(args.config)
+    dinov2 = getattr(args, 'dinov2', None)
+    if not (dinov2 or args.clip) and set(expected) - set(out):
+        # a file without its towers: the config's own tower files, if here
+        named = config_towers(cfg, peer)
+        dinov2 = named['dinov2'] if named['dinov2'] and osp.isfile(
+            named['dinov2']) else None
+        args.clip = named['clip'] if named['clip'] and osp.isfile(
+            named['clip']) else None
+        args.dinov2 = dinov2
+    towers = tower_tensors(peer, dinov2, args.clip)
     if towers:
         used = pc.tower_keys_to_fill(out, towers, peer)
         _check_towers(towers, used, expected, args)
