@@ -18,6 +18,7 @@ import torch
 
 from mmseg_sera.apis import inference, init_model
 from mmseg_sera.models import peer_checkpoints as pc
+from tests.conftest import run_test_tool, tiny_cfg_options
 
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 DETRIS_CFG = osp.join(
@@ -574,3 +575,14 @@ def test_partial_load_into_a_hybrid_config(detris, tmp_path, capfd,
     assert 'backbone' not in kept and 'text_encoder' not in kept
     n_ta = sum('.parallel_mlp_text.' in k for k in detris.ours)
     assert f'text_encoder.adapters.parallel_mlp_text: {n_ta}' in unused
+
+
+def test_tools_test_evaluates_a_converted_checkpoint(detris, synthetic_root,
+                                                     tmp_path):
+    """tools/test.py takes the converted file (its metrics are
+    percentages; that the weights equal ours is checked above)."""
+    dst = convert(detris, tmp_path)
+    options = tiny_cfg_options(synthetic_root, **{
+        'test_dataloader.dataset.indices': 4,
+        'test_dataloader.batch_size': 4})
+    run_test_tool(detris.config, dst, tmp_path / 'eval', options)
