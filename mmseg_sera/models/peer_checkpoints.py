@@ -279,6 +279,13 @@ def unwrap_peer_checkpoint(ckpt, peer: str) -> Dict[str, Tensor]:
         raise ValueError(f'entries {bad[:8]} of the state dict are not '
                          'tensors')
     kind = kind_of(state)
+    if kind == peer == 'etris' and any(
+            k.startswith(('backbone.visual.layer', 'backbone.visual.attnpool'))
+            for k in state):
+        raise ValueError('an ETRIS checkpoint of a CLIP ResNet (RN50 / RN101: '
+                         'backbone.visual.layer*, attnpool): its ResNet '
+                         'Bridger is not built in mmseg_sera; only the ViT '
+                         'variant converts')
     if kind != peer:
         article = 'an' if peer == 'etris' else 'a'
         raise ValueError(f'not {article} {peer.upper()} checkpoint: it is '

@@ -404,6 +404,18 @@ def test_errors_other_peer_and_sera_checkpoints(detris, etris, tmp_path,
                  'a DETRIS model')
 
 
+def test_error_etris_resnet_variant(etris, tmp_path, capsys):
+    theirs = {k: v for k, v in etris.theirs.items()
+              if not k.startswith('backbone.visual.')}
+    theirs['backbone.visual.layer1.0.conv1.weight'] = torch.zeros(1)
+    theirs['backbone.visual.attnpool.c_proj.weight'] = torch.zeros(1)
+    src = str(tmp_path / 'rn50.pth')
+    save_authors_file(src, theirs)
+    expect_error(etris, [src, str(tmp_path / 'x.pth'), '--config',
+                         etris.config], capsys, 'CLIP ResNet',
+                 'only the ViT variant converts')
+
+
 def test_errors_unreadable_files(detris, tmp_path, capsys):
     data = open(detris.src, 'rb').read()
     cut = tmp_path / 'truncated.pth'
