@@ -383,6 +383,15 @@ def sera_to_peer(state_dict: Mapping[str, Tensor],
             resamples its position table otherwise than DETRIS does.
     """
     state = dict(state_dict)
+    marks = dict(detris='backbone.adapters.parallel_mlp.',
+                 etris='backbone.adapters.bridge.')
+    other = [p for p, mark in marks.items()
+             if p != peer and any(k.startswith(mark) for k in state)]
+    if other and not any(k.startswith(marks[peer]) for k in state):
+        raise ValueError(
+            f'an mmseg_sera {other[0].upper()} model, not {peer.upper()}: '
+            f'write it with tools/model_converters/{other[0]}_to_sera.py '
+            '--reverse')
     if peer == 'detris':
         rec = state.pop(DETRIS_RESAMPLING_KEY, None)
         if rec is not None and tuple(rec.tolist()) != DETRIS_RESAMPLING:

@@ -402,6 +402,11 @@ def test_errors_other_peer_and_sera_checkpoints(detris, etris, tmp_path,
     expect_error(detris, [detris.src, str(tmp_path / 'x.pth'), '--reverse'],
                  capsys, '--reverse reads an mmseg_sera checkpoint',
                  'a DETRIS model')
+    etris_ours = str(tmp_path / 'etris_ours.pth')
+    torch.save(dict(state_dict=etris.ours), etris_ours)
+    expect_error(detris, [etris_ours, str(tmp_path / 'x.pth'), '--reverse'],
+                 capsys, 'an mmseg_sera ETRIS model, not DETRIS',
+                 'etris_to_sera.py --reverse')
 
 
 def test_error_etris_resnet_variant(etris, tmp_path, capsys):
