@@ -293,6 +293,18 @@ def test_forward_map_matches_the_key_list(peer):
         assert torch.equal(v, peer.ours[k]), k
 
 
+def test_unwrap_accepts_their_file_with_or_without_wrappers(peer):
+    """DDP keys under ``state_dict`` (train.py), plain keys, or a bare
+    state dict: the same model state."""
+    ddp = {'module.' + k: v for k, v in peer.theirs.items()}
+    for ckpt in (dict(state_dict=ddp, epoch=1), dict(state_dict=peer.theirs),
+                 dict(peer.theirs)):
+        state = pc.unwrap_peer_checkpoint(ckpt, peer.peer)
+        assert state.keys() == peer.theirs.keys()
+    with pytest.raises(ValueError, match='not tensors'):
+        pc.unwrap_peer_checkpoint(dict(state_dict=dict(ddp, x=1)), peer.peer)
+
+
 def test_unknown_keys_are_listed(peer):
     bad = dict(peer.theirs, **{'neck.extra.weight': torch.zeros(1)})
     with pytest.raises(ValueError, match=r"no place .*neck\.extra\.weight"):
