@@ -476,7 +476,10 @@ def test_error_config_of_another_size(detris, tmp_path, capsys):
                    " text_dims=64)]))\n")
     expect_error(detris, [detris.src, str(tmp_path / 'x.pth'), '--config',
                           str(cfg)], capsys, 'of another shape',
-                 'another model size')
+                 'another model size', '--backbone large')
+    expect_error(detris, [detris.src, str(tmp_path / 'x.pth'), '--config',
+                          str(cfg), '--backbone', 'large'], capsys,
+                 'give --backbone or --config, not both')
 
 
 def frozen_tower_files(peer, tmp_path):

@@ -21,11 +21,16 @@ REPO = osp.dirname(osp.dirname(HERE))
 if HERE not in sys.path:  # dinov2_to_sera beside this file
     sys.path.insert(0, HERE)
 
-#: the config whose model a conversion is checked against by default
+#: the config whose model a conversion is checked against by default, per
+#: peer and --backbone
 DEFAULT_CONFIGS = dict(
-    detris='configs/detris/'
-    'detris_dinov2-b14-reg4_clip-b16_1xb32-65e_refcoco-448x448.py',
-    etris='configs/etris/etris_clip-vit-b16_1xb32-50e_refcoco-416x416.py')
+    detris=dict(
+        base='configs/detris/'
+        'detris_dinov2-b14-reg4_clip-b16_1xb32-65e_refcoco-448x448.py',
+        large='configs/detris/'
+        'detris_dinov2-l14-reg4_clip-b16_1xb32-50e_refcoco-448x448.py'),
+    etris=dict(
+        base='configs/etris/etris_clip-vit-b16_1xb32-50e_refcoco-416x416.py'))
 
 
 def read_checkpoint(path: str) -> Dict:
@@ -152,7 +157,14 @@ def forward(peer: str, args) -> None:
         out = pc.peer_to_sera(state, peer, towers=towers)
         names = ', '.join(p for p in (dinov2, args.clip) if p)
         print(f'{len(used)} frozen tower tensors taken from {names}')
-    pc.check_keys(out, expected, peer)
+    try:
+        pc.check_keys(out, expected, peer)
+    except ValueError as err:
+        if peer == 'detris' and not getattr(args, 'backbone', None):
+            raise ValueError(f'{err}\n  (a DETRIS-L file: --backbone large; '
+                             'another variant: --config with its model)'
+                             ) from err
+        raise
     if args.dry_run:
         print(f'{len(state)} tensors -> {len(out)}; matches {args.config} '
               '(dry run: nothing written)')
@@ -203,10 +215,15 @@ def main(peer: str, doc: str, argv=None) -> int:
                         "authors' train.py (or, with --reverse, an "
                         'mmseg_sera checkpoint)')
     parser.add_argument('dst', help='output file')
-    parser.add_argument('--config', default=DEFAULT_CONFIGS[peer],
-                        help='config whose model the result must match key '
-                        'for key and shape for shape (default: %(default)s)')
+    sizes = DEFAULT_CONFIGS[peer]
+    parser.add_argument('--config', help='config whose model the result '
+                        'must match key for key and shape for shape '
+                        f'(default: {sizes["base"]})')
     if peer == 'detris':
+        parser.add_argument('--backbone', choices=tuple(sizes),
+                            help='DINOv2 size of the checkpoint: picks the '
+                            'RefCOCO config of that size when --config is '
+                            'not given (large: ' + sizes['large'] + ')')
         parser.add_argument('--dinov2', help='official/timm DINOv2 file for '
                             'the image tower, if SRC lacks it')
     parser.add_argument('--clip', help='open_clip CLIP state dict for the '
@@ -216,6 +233,11 @@ def main(peer: str, doc: str, argv=None) -> int:
     parser.add_argument('--dry-run', action='store_true',
                         help='print the key map and check it; write nothing')
     args = parser.parse_args(argv)
+    backbone = getattr(args, 'backbone', None)
+    if args.config and backbone:
+        parser.error('give --backbone or --config, not both (--config '
+                     'names the model, size included)')
+    args.config = args.config or sizes[backbone or 'base']
     try:
         (reverse if args.reverse else forward)(peer, args)
     except ValueError as err:
