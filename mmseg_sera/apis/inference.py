@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 from mmcv.transforms import Compose
 from mmengine.config import Config
+from mmengine.logging import print_log
 from mmengine.runner.checkpoint import _load_checkpoint_to_model
 
 from mmseg.registry import TRANSFORMS
@@ -59,6 +60,39 @@ def _strip_pretrained(model_cfg) -> None:
                 value['init_cfg'] = None
             if 'pretrained' in value:
                 value['pretrained'] = None
+
+
+def _by_module(keys: Sequence[str]) -> str:
+    """``'neck: 12, decode_head.decoder: 40'``: counts per module, named by
+    the first two parts of the key (three under ``*.adapters``)."""
+    counts: Dict[str, int] = {}
+    for key in keys:
+        parts = key.split('.')
+        depth = 3 if len(parts) > 3 and parts[1] == 'adapters' else 2
+        name = '.'.join(parts[:min(depth, len(parts) - 1)]) or key
+        counts[name] = counts.get(name, 0) + 1
+    return ', '.join(f'{k}: {v}' for k, v in counts.items())
+
+
+def load_summary(model_state: Dict, ckpt_state: Dict) -> str:
+    """What a (partial) load took: tensors loaded, the model's tensors the
+    checkpoint lacks (they keep their initial values) and the checkpoint's
+    tensors the model does not use, per module. Shapes that differ count as
+    not loaded (MMEngine skips them)."""
+    ckpt_state = {(k[len('module.'):] if k.startswith('module.') else k): v
+                  for k, v in ckpt_state.items()}
+    loaded = [k for k, v in model_state.items()
+              if k in ckpt_state and getattr(ckpt_state[k], 'shape', None)
+              == v.shape]
+    kept = [k for k in model_state if k not in set(loaded)]
+    unused = [k for k in ckpt_state if k not in model_state]
+    text = f'loaded {len(loaded)} of the model\'s {len(model_state)} tensors'
+    if kept:
+        text += f'; not in the checkpoint, initial values kept: ' \
+                f'{_by_module(kept)}'
+    if unused:
+        text += f'; in the checkpoint, not used: {_by_module(unused)}'
+    return text
 
 
 def init_model(config: Union[str, Path, Config],
@@ -109,7 +143,11 @@ def init_model(config: Union[str, Path, Config],
     else:
         ckpt = read_checkpoint(checkpoint)
         _load_checkpoint_to_model(model, ckpt, strict=strict)
-        meta = ckpt.get('meta') if isinstance(ckpt, dict) else None
+        print_log(
+            f'init_model: {checkpoint}: ' +
+            load_summary(model.state_dict(), ckpt.get('state_dict', ckpt)),
+            logger='current')
+        meta = ckpt.get('meta')
         if isinstance(meta, dict) and meta.get('dataset_meta'):
             dataset_meta = dict(meta['dataset_meta'])
     model.dataset_meta = dataset_meta

@@ -176,7 +176,9 @@ class HierarchicalAlignNeck(BaseModule):
         channels: d, the width of every map after the projections.
         text_dims: Ct, width of ``text.pooled``.
         num_heads: heads of the ``mha`` gate (no effect on the function).
-        gate: ``'mha'`` (faithful: loads peer weights) or ``'linear'`` (the
+        gate: ``'mha'`` (faithful: the peers' tensors, same shapes and
+            layout; their keys are renamed by
+            :mod:`mmseg_sera.models.peer_checkpoints`) or ``'linear'`` (the
             same function without the dead q/k parameters); see
             :class:`SentenceGate`.
         coord_residual: ``False``: out = C (ETRIS); ``True``: out = A + C
