@@ -27,7 +27,7 @@ import os
 import os.path as osp
 import re
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from mmengine.fileio import LocalBackend, register_backend
@@ -98,8 +98,11 @@ def use_atomic_checkpoints(cfg) -> None:
     hook['backend_args'] = dict(backend=ATOMIC_BACKEND)
 
 
-def read_checkpoint(path: str, map_location: str = 'cpu') -> dict:
-    """Load an MMEngine checkpoint with ``torch.load(weights_only=True)``.
+def read_checkpoint(path: str, map_location: str = 'cpu',
+                    allow: Sequence[type] = ()) -> dict:
+    """Load a checkpoint with ``torch.load(weights_only=True)``: tensors,
+    plain containers, the types MMEngine writes
+    (:func:`~.compat.register_checkpoint_safe_globals`) and ``allow``.
 
     Raises:
         CheckpointError: the file is missing, truncated, not a checkpoint or
@@ -108,7 +111,9 @@ def read_checkpoint(path: str, map_location: str = 'cpu') -> dict:
     if not osp.isfile(path):
         raise CheckpointError(f'checkpoint not found: {path}')
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        with torch.serialization.safe_globals(list(allow)):
+            ckpt = torch.load(path, map_location=map_location,
+                              weights_only=True)
     except Exception as exc:  # torch raises several types for a bad file
         raise CheckpointError(
             f'cannot read checkpoint {path}: {_first_line(exc)}') from exc

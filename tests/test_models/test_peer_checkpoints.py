@@ -438,17 +438,18 @@ def test_errors_unreadable_files(detris, tmp_path, capsys):
     cut = tmp_path / 'truncated.pth'
     cut.write_bytes(data[:len(data) // 2])
     expect_error(detris, [str(cut), str(tmp_path / 'x.pth')], capsys,
-                 'truncated.pth', 'not a readable PyTorch checkpoint')
+                 'truncated.pth', 'cannot read checkpoint')
     text = tmp_path / 'notes.txt'
     text.write_text('not a checkpoint\n')
     expect_error(detris, [str(text), str(tmp_path / 'x.pth')], capsys,
-                 'not a readable PyTorch checkpoint')
+                 'cannot read checkpoint')
     expect_error(detris, [str(tmp_path / 'absent.pth'),
-                          str(tmp_path / 'x.pth')], capsys, 'no such file')
+                          str(tmp_path / 'x.pth')], capsys,
+                 'checkpoint not found')
     torch.save([1, 2], tmp_path / 'list.pth')
     expect_error(detris, [str(tmp_path / 'list.pth'),
                           str(tmp_path / 'x.pth')], capsys,
-                 'expected a checkpoint dict')
+                 'holds a list, not a dict')
 
 
 def test_errors_missing_and_unknown_keys(peer, tmp_path, capsys):

@@ -8,9 +8,7 @@ frozen towers from DINOv2 / CLIP files where the authors' file lacks them.
 import argparse
 import collections
 import os.path as osp
-import pickle
 import sys
-import zipfile
 from typing import Dict, Optional
 
 import torch
@@ -34,19 +32,15 @@ DEFAULT_CONFIGS = dict(
 
 
 def read_checkpoint(path: str) -> Dict:
-    """``torch.load`` (tensors and plain containers only) with errors that
-    say what is wrong with the file."""
-    if not osp.isfile(path):
-        raise ValueError(f'{path}: no such file')
+    """The file as a dict (tensors and plain containers only), or a
+    ValueError that names it and says what is wrong with it."""
+    from mmseg_sera.engine.checkpoint import CheckpointError
+    from mmseg_sera.engine.checkpoint import read_checkpoint as read
     try:
         # the authors' scheduler state holds a collections.Counter
-        with torch.serialization.safe_globals([collections.Counter]):
-            return torch.load(path, map_location='cpu', weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError,
-            zipfile.BadZipFile, ValueError, AttributeError) as err:
-        raise ValueError(
-            f'{path}: not a readable PyTorch checkpoint (truncated, or not '
-            f'a torch.save file): {str(err).splitlines()[0][:200]}') from err
+        return read(path, allow=(collections.Counter, ))
+    except CheckpointError as err:
+        raise ValueError(str(err)) from err
 
 
 def load_config(config: str):
