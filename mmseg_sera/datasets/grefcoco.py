@@ -191,22 +191,14 @@ class GRefCocoDataset(RefCocoDataset):
 
     def _ref_target(self, ref: dict, anns: Dict[Any, dict],
                     refs_path: str) -> dict:
-        ref_id, image_id = ref.get('ref_id'), ref.get('image_id')
+        ref_id = ref.get('ref_id')
         ann_ids = normalise_ann_ids(ref.get('ann_id'), ref_id)
         if ann_ids == [NO_TARGET_ANN_ID]:
             return dict(ann_id=ann_ids, category_id=ref.get('category_id'),
                         segmentations=[], iscrowd=0, no_target=True)
         picked = []
         for ann_id in ann_ids:
-            ann = anns.get(ann_id)
-            if ann is None:
-                raise ValueError(
-                    f'ref {ref_id} in {refs_path} refers to ann_id {ann_id}, '
-                    f'which is not in {self.ann_file}')
-            if ann.get('image_id', image_id) != image_id:
-                raise ValueError(
-                    f'ref {ref_id}: ann {ann_id} belongs to image '
-                    f'{ann.get("image_id")}, the ref says {image_id}')
+            ann = self._ref_annotation(ref, ann_id, anns, refs_path)
             if len(ann_ids) > 1 and ann.get('iscrowd', 0):
                 continue
             picked.append(ann)

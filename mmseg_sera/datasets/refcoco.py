@@ -356,17 +356,12 @@ class RefCocoDataset(BaseDataset):
                     raise FileNotFoundError(f'image file not found: {path}')
         return data_list
 
-    def _ref_target(self, ref: dict, anns: Dict[Any, dict],
-                    refs_path: str) -> dict:
-        """The item fields that describe a ref's target: ``ann_id``,
-        ``category_id``, ``segmentation``, ``iscrowd``.
-
-        Raises:
-            ValueError: the ann id is not in ``instances.json``, or its
-                annotation belongs to another image than the ref's.
-        """
-        ref_id, ann_id = ref.get('ref_id'), ref.get('ann_id')
-        image_id = ref.get('image_id')
+    def _ref_annotation(self, ref: dict, ann_id: Any,
+                        anns: Dict[Any, dict], refs_path: str) -> dict:
+        """The annotation ``ann_id`` of ``ref``, checked: it exists in
+        ``instances.json`` and belongs to the ref's image (ValueError
+        naming the ref and the ann id otherwise)."""
+        ref_id, image_id = ref.get('ref_id'), ref.get('image_id')
         ann = anns.get(ann_id)
         if ann is None:
             raise ValueError(
@@ -376,6 +371,19 @@ class RefCocoDataset(BaseDataset):
             raise ValueError(
                 f'ref {ref_id}: ann {ann_id} belongs to image '
                 f'{ann.get("image_id")}, the ref says {image_id}')
+        return ann
+
+    def _ref_target(self, ref: dict, anns: Dict[Any, dict],
+                    refs_path: str) -> dict:
+        """The item fields that describe a ref's target: ``ann_id``,
+        ``category_id``, ``segmentation``, ``iscrowd``.
+
+        Raises:
+            ValueError: the ann id is not in ``instances.json``, or its
+                annotation belongs to another image than the ref's.
+        """
+        ann_id = ref.get('ann_id')
+        ann = self._ref_annotation(ref, ann_id, anns, refs_path)
         return dict(
             ann_id=ann_id,
             category_id=ref.get('category_id', ann.get('category_id')),
