@@ -392,3 +392,14 @@ def test_cli(tmp_path, capsys):
     assert 'arch' in capsys.readouterr().err
     with pytest.raises(SystemExit):
         tool3.main([str(src), str(dst), '--layout', 'timm'])
+
+
+def test_official_check_tool_needs_the_official_package(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location(
+        '_dinov3_official_check',
+        ROOT / 'tools' / 'analysis_tools' / 'dinov3_official_check.py')
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    with pytest.raises(SystemExit):
+        mod.main(['--official-src', str(tmp_path)])
+    assert 'dinov3/hub/backbones.py' in capsys.readouterr().err
