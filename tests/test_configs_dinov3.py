@@ -1,5 +1,6 @@
-"""SERA configs on DINOv3: B/16 and L/16 on RefCOCO (by inheritance from
-the DINOv2-B paper config) and the tiny DINOv3-style synthetic demo.
+"""Configs on DINOv3: SERA, DETRIS and SpectralMoE-RIS on B/16 and L/16
+(RefCOCO, by inheritance from the DINOv2-B configs) and the tiny
+DINOv3-style SERA for the synthetic demo.
 
 The trainable parameter counts are those of
 ``tools/analysis_tools/count_params.py`` (docs/benchmarks.md); the tiny
@@ -21,6 +22,11 @@ from .conftest import REPO, run_test_tool, run_tool, tiny_cfg_options
 SERA = osp.join(REPO, 'configs', 'sera')
 B16 = osp.join(SERA, 'sera_dinov3-b16_clip-b16_1xb16-50e_refcoco-448x448.py')
 L16 = osp.join(SERA, 'sera_dinov3-l16_clip-b16_1xb16-50e_refcoco-448x448.py')
+DETRIS = osp.join(REPO, 'configs', 'detris',
+                  'detris_dinov3-{}16_clip-b16_1xb32-65e_refcoco-448x448.py')
+SMOE = osp.join(REPO, 'configs', 'spectralmoe',
+                'spectralmoe-ris_dinov3-{}16_clip-b16_1xb16-50e_refcoco-'
+                '448x448.py')
 TINY = osp.join(SERA,
                 'sera_dinov3-tiny_clip-tiny_1xb16-50e_synthetic-112x112.py')
 
@@ -74,6 +80,36 @@ def test_l16_backbone_counts_on_meta():
     assert sum(p.numel() for p in own) == 303_153_152
     assert sum(p.numel() for p in own if p.requires_grad) == 322_560
     assert sum(p.numel() for p in bb.adapters.parameters()) == 1_439_752
+
+
+@pytest.mark.parametrize('size, kind, blocks, adapters, out', [
+    ('b', 'detris', tuple(range(1, 12, 2)), 2_715_696 - 418_320,
+     (4, 8, 11)),
+    ('l', 'detris', tuple(range(1, 24, 2)), 5_802_576 - 418_320,
+     (9, 17, 23)),
+    ('b', 'smoe', tuple(range(12)), 2_796_289, (3, 7, 11)),
+    ('l', 'smoe', tuple(range(24)), 5_804_033, (7, 15, 23)),
+])
+def test_detris_and_spectralmoe_on_dinov3(size, kind, blocks, adapters,
+                                          out):
+    """The image tower of each (built on the meta device): its slots and
+    trainable parameters (DETRIS: the Dense Aligners; the Text Adapters,
+    418,320, sit in the text tower)."""
+    path = (DETRIS if kind == 'detris' else SMOE).format(size)
+    cfg = Config.fromfile(path)
+    assert cfg.model.data_preprocessor.size_divisor == 16
+    with torch.device('meta'):
+        bb = MODELS.build(cfg.model.backbone)
+    assert type(bb).__name__ == 'DINOv3'
+    assert bb.arch['embed_dims'] == {'b': 768, 'l': 1024}[size]
+    assert bb.out_indices == out
+    slot = 'parallel_mlp' if kind == 'detris' else 'post_block'
+    assert bb.adapters.indices(slot) == blocks
+    assert sum(p.numel() for p in bb.adapters.parameters()) == adapters
+    own = sum(p.numel() for n, p in bb.named_parameters()
+              if p.requires_grad and not n.startswith('adapters.'))
+    assert own == (0 if kind == 'detris' else {
+        'b': 122_112, 'l': 322_560}[size])
 
 
 def test_tiny_model(cp):
