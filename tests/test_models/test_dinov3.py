@@ -214,6 +214,9 @@ def test_post_block_adapters_at_identity():
             out = adapted.forward_features(x, text)
         assert _feats_equal(ref, out.feats)
         assert set(out.routing) == {0, 1}
+        # class + 4 register tokens with each level
+        assert [tuple(p.shape) for p in out.prefix_tokens] == [(2, 5, 32)
+                                                               ] * 2
     # the test can fail: a non-zero adapter after block 1 changes level 2
     plain, adapted = _pair(adapter_indices=(1, ),
                            adapter_cfg=dict(type=TEST_ADAPTER))

@@ -107,9 +107,10 @@ def official_state_dict(*, ffn: str = 'mlp', mask: str = 'q_v',
 
 def reference_forward(sd: Dict[str, Tensor], x: Tensor,
                       take: Sequence[int], periods: Tensor = None,
-                      eps: float = 1e-5) -> List[Tensor]:
+                      eps: float = 1e-5, prefix: bool = False) -> List:
     """DINOv3 features on the raw official keys: the LayerNorm'ed patch
-    tokens after each block of ``take``, B x C x h x w.
+    tokens after each block of ``take``, B x C x h x w (with ``prefix``:
+    (map, the normed class and 4 storage tokens B x 5 x C) pairs).
 
     Patches floor(H/16) x floor(W/16); tokens [cls, 4 storage, patches];
     per block z += g1 * proj(attn(LN1 z)), z += g2 * ffn(LN2 z), with the
@@ -169,8 +170,9 @@ def reference_forward(sd: Dict[str, Tensor], x: Tensor,
             f = f @ sd[b + 'mlp.fc2.weight'].T + sd[b + 'mlp.fc2.bias']
         z = z + sd[b + 'ls2.gamma'] * f
         if i in take:
-            n = ln(z, 'norm')[:, P:]
-            out.append(n.transpose(1, 2).reshape(B, C, h, w))
+            n = ln(z, 'norm')
+            level = n[:, P:].transpose(1, 2).reshape(B, C, h, w)
+            out.append((level, n[:, :P]) if prefix else level)
     return out
 
 
@@ -212,6 +214,10 @@ def test_official_layout_matches_reference(ffn, mask):
         for x in (X, X_ODD):
             ref = reference_forward(sd, x, TAKE)
             _close(m(x), ref)
+        # the class and storage tokens come with each level
+        got = m.forward_features(X)
+        ref = reference_forward(sd, X, TAKE, prefix=True)
+        _close(got.prefix_tokens, [p for _, p in ref])
     # the reference is sensitive to what is checked: the fp32 periods move
     # the features by more than the tolerance
     with torch.no_grad():

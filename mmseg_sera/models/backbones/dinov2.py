@@ -885,13 +885,17 @@ class DINOv2(BaseModule):
         return block(tokens, parallel, rope)
 
     def _to_map(self, tokens: Tensor, hw: Tuple[int, int],
-                normed: bool) -> Tensor:
-        """Patch tokens of B x N x C -> B x C x h x w."""
+                normed: bool) -> Tuple[Tensor, Tensor]:
+        """Tokens B x (P + N) x C -> the patch map B x C x h x w and the
+        prefix tokens B x P x C (class, registers), both final-normed when
+        ``normed``."""
         if normed:
             tokens = self.norm(tokens)
-        patches = tokens[:, self.num_prefix_tokens:]
+        P = self.num_prefix_tokens
+        patches = tokens[:, P:]
         B, _, C = patches.shape
-        return patches.transpose(1, 2).reshape(B, C, *hw).contiguous()
+        return (patches.transpose(1, 2).reshape(B, C, *hw).contiguous(),
+                tokens[:, :P])
 
     def _context_fn(
             self, block_context: Optional[BlockContext]
@@ -937,10 +941,12 @@ class DINOv2(BaseModule):
                 adapter) run as without it.
 
         Returns:
-            ``BackboneOutput(feats, routing, aux_losses, text)``: the
-            ``out_indices`` levels as B x C x h x w maps (h = ceil(H / 14)),
-            block index -> adapter routing weights, summed adapter losses,
-            and with a text stream the final text features.
+            ``BackboneOutput(feats, routing, aux_losses, text,
+            prefix_tokens)``: the ``out_indices`` levels as B x C x h x w
+            maps (h = ceil(H / 14)), block index -> adapter routing
+            weights, summed adapter losses, with a text stream the final
+            text features, and each level's
+            class and register tokens (B x (1 + R) x C, normed as the map).
         """
         tokens, hw = self.prepare_tokens(x)
         P = self.num_prefix_tokens
@@ -948,6 +954,7 @@ class DINOv2(BaseModule):
         run = self.adapters.start_lockstep(text_stream, num_prefix=P, hw=hw)
         last = self.out_indices[-1]
         feats: List[Tensor] = []
+        prefix: List[Tensor] = []
         routing: Dict[int, Tensor] = {}
         losses: List[Dict[str, Tensor]] = []
         for i in range(last + 1):
@@ -968,11 +975,14 @@ class DINOv2(BaseModule):
             if i in self.out_indices:
                 normed = self.out_norm == 'all' or (self.out_norm == 'last'
                                                     and i == last)
-                feats.append(self._to_map(tokens, hw, normed))
+                level, first = self._to_map(tokens, hw, normed)
+                feats.append(level)
+                prefix.append(first)
         return BackboneOutput(
             feats=tuple(feats), routing=routing,
             aux_losses=merge_losses(*losses),
-            text=None if run is None else run.finish())
+            text=None if run is None else run.finish(),
+            prefix_tokens=tuple(prefix))
 
     def block_tokens(self, x: Tensor, *, num_blocks: Optional[int] = None,
                      norm: bool = False) -> List[Tensor]:
