@@ -108,23 +108,24 @@ def convert_depthmoe(state_dict: Dict[str, Tensor],
                       if k.startswith('experts_a.0.')})
     E = len(experts)
     out: Dict[str, Tensor] = {}
-    for l, i in enumerate(blocks):
+    for layer, i in enumerate(blocks):
         for part, name in (('a', 'tokens_a'), ('b', 'tokens_b')):
             try:
-                mats = [sd[f'experts_{part}.{l}.{e}'] for e in range(E)]
+                mats = [sd[f'experts_{part}.{layer}.{e}'] for e in range(E)]
             except KeyError as err:
-                raise ValueError(f'layer {l}: missing {err.args[0]}') from err
+                raise ValueError(
+                    f'layer {layer}: missing {err.args[0]}') from err
             if len({tuple(m.shape) for m in mats}) != 1:
                 raise ValueError(
-                    f'layer {l}: experts of different ranks '
+                    f'layer {layer}: experts of different ranks '
                     f'({[tuple(m.shape) for m in mats]}) cannot be stacked '
                     'into one LowRankTokenExpert')
             out[f'{i}.experts.{name}'] = torch.stack(mats)
         for m, router in ((0, 'router'), (1, 'second_router')):
             for src, dst in (('w_gate', 'gate'), ('w_noise', 'noise_proj')):
-                key = f'{src}.{l}.{m}'
+                key = f'{src}.{layer}.{m}'
                 if key not in sd:
-                    raise ValueError(f'layer {l}: missing {key}')
+                    raise ValueError(f'layer {layer}: missing {key}')
                 out[f'{i}.{router}.{dst}.weight'] = sd[key].t()
     owner = min(blocks)
     for src, dst in (('mlp_token2feat', 'token_proj'),

@@ -26,13 +26,14 @@ D, L, E, T, R = 32, 3, 3, 6, 4
 def released_state_dict(seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     sd = {}
-    for l in range(L):
+    for layer in range(L):
         for e in range(E):
-            sd[f'experts_a.{l}.{e}'] = torch.randn(T, R, generator=g)
-            sd[f'experts_b.{l}.{e}'] = 0.3 * torch.randn(R, D, generator=g)
+            sd[f'experts_a.{layer}.{e}'] = torch.randn(T, R, generator=g)
+            sd[f'experts_b.{layer}.{e}'] = 0.3 * torch.randn(R, D,
+                                                             generator=g)
         for m in (0, 1):
-            sd[f'w_gate.{l}.{m}'] = torch.randn(D, E, generator=g)
-            sd[f'w_noise.{l}.{m}'] = torch.randn(D, E, generator=g)
+            sd[f'w_gate.{layer}.{m}'] = torch.randn(D, E, generator=g)
+            sd[f'w_noise.{layer}.{m}'] = torch.randn(D, E, generator=g)
     for name in ('mlp_token2feat', 'mlp_delta_f'):
         sd[f'{name}.weight'] = 0.2 * torch.randn(D, D, generator=g)
         sd[f'{name}.bias'] = 0.1 * torch.randn(D, generator=g)
@@ -82,7 +83,7 @@ def test_key_map_and_strict_load():
     assert 'x.2.shared.scale' in moved and 'x.6.router.gate.weight' in moved
 
 
-def _released_layer(sd, l, f, g):
+def _released_layer(sd, layer, f, g):
     """The released forward_delta_feat in eval mode (top-1, 'laplace'
     gating, sum-form expert logits, log-sum-exp combine, diagonal fusion),
     then f + scale * delta_f; f, g: B x N x D."""
@@ -90,11 +91,11 @@ def _released_layer(sd, l, f, g):
 
     def stream(x, m):
         x = x.reshape(-1, D)
-        logits = -torch.cdist(x, sd[f'w_gate.{l}.{m}'].t())
+        logits = -torch.cdist(x, sd[f'w_gate.{layer}.{m}'].t())
         top = logits.argmax(1)
         out = torch.empty_like(x)
         for e in range(E):
-            tok = sd[f'experts_a.{l}.{e}'] @ sd[f'experts_b.{l}.{e}']
+            tok = sd[f'experts_a.{layer}.{e}'] @ sd[f'experts_b.{layer}.{e}']
             u = x.sum(1, keepdim=True) * tok.sum(1)[None]  # the sum form
             s = torch.softmax(u / math.sqrt(D), -1)[:, 1:]
             proj = F.linear(tok[1:], sd['mlp_token2feat.weight'],
@@ -119,9 +120,10 @@ def test_converted_adapter_computes_the_released_layer():
     f = torch.randn(2, 12, D, generator=g)
     depth = torch.randn(2, 12, D, generator=g)
     with torch.no_grad():
-        for l in range(L):
-            got = m.adapters[str(l)](f, hw=(3, 4), second=depth).tokens
-            torch.testing.assert_close(got, _released_layer(sd, l, f, depth),
+        for layer in range(L):
+            got = m.adapters[str(layer)](f, hw=(3, 4), second=depth).tokens
+            torch.testing.assert_close(got,
+                                       _released_layer(sd, layer, f, depth),
                                        rtol=1e-4, atol=1e-4)
     # routing is not trivial: the tokens use more than one expert
     with torch.no_grad():
