@@ -179,3 +179,31 @@ def test_released_check_tool_needs_the_released_file(tmp_path, capsys):
     with pytest.raises(SystemExit):
         tool.main(['--released-file', str(tmp_path / 'depthmoe.py')])
     assert 'depthmoe.py' in capsys.readouterr().err
+
+
+def test_loads_into_a_dual_stream_on_dinov3():
+    """The release's setting: the adapters on a DINOv3 tower fed by a
+    second (DINOv2, depth-encoder) tower's block tokens."""
+    from mmseg.registry import MODELS
+    sd = released_state_dict(seed=3)
+    cfg = released_adapter_cfg(sd)
+    cfg.pop('embed_dims')
+    m = MODELS.build(dict(
+        type='DualStreamDINOv2',
+        backbone=dict(type='DINOv3',
+                      arch=dict(embed_dims=D, num_layers=L, num_heads=2),
+                      out_indices=(L - 1, ),
+                      adapters=[dict(cfg, insert=tuple(range(L)))]),
+        second=dict(type='DINOv2',
+                    arch=dict(embed_dims=D, num_layers=L, num_heads=2),
+                    patch_size=16, img_size=64)))
+    missing, unexpected = m.load_state_dict(
+        convert_depthmoe(sd, prefix='backbone.adapters.'), strict=False)
+    assert not unexpected
+    assert not [k for k in missing if '.adapters.' in k]
+    m.eval()
+    with torch.no_grad():
+        feats = m(torch.randn(1, 3, 64, 80))
+    assert feats[0].shape == (1, D, 4, 5)
+    assert torch.equal(m.backbone.adapters['2'].router.gate.weight,
+                       sd['w_gate.2.0'].t())
