@@ -53,11 +53,16 @@ class BackboneOutput:
         text: with a lock-step text stream (``bridge`` slot, ETRIS): the
             final features of the bridge-modified text stream, which the
             neck and head must use; None otherwise.
+        prefix_tokens: per level of ``feats``, the tokens before the
+            patches (B x P x C: class token first, then the registers),
+            normed as that level (``DINOv2`` / ``DINOv3``; empty for
+            towers that do not report them).
     """
     feats: Tuple[Tensor, ...]
     routing: Dict[int, Tensor] = field(default_factory=dict)
     aux_losses: Dict[str, Tensor] = field(default_factory=dict)
     text: Optional[TextFeatures] = None
+    prefix_tokens: Tuple[Tensor, ...] = ()
 
 
 @dataclass

@@ -491,6 +491,54 @@ DINOV2_CASES = [
 ]
 
 
+# --------------------------------------------------------------------------
+# DINOv3 (the DINOv2 tower with RoPE): every slot kind
+# --------------------------------------------------------------------------
+def _dinov3_cfg(**kw):
+    cfg = dict(type='DINOv3',
+               arch=dict(embed_dims=24, num_layers=3, num_heads=2,
+                         mlp_ratio=2),
+               num_register_tokens=2, out_indices=(1, 2), trainable='full')
+    cfg.update(kw)
+    return cfg
+
+
+# 3 x 4 grid after flooring 54 x 70 (patch 16), non-square
+DINOV3_X = _maps(2, 3, 54, 70)
+
+DINOV3_CASES = [
+    Case('full', _dinov3_cfg(), lambda m: m(DINOV3_X), _check_dinov2(2)),
+    # SwiGLU FFN, RoPE coordinate rescaling in training mode
+    Case('full-swiglu-rescale',
+         _dinov3_cfg(arch=dict(embed_dims=24, num_layers=3, num_heads=2,
+                               mlp_ratio=6, ffn_type='swiglu'),
+                     rope_rescale_coords=2.0),
+         lambda m: m(DINOV3_X), _check_dinov2(2)),
+    Case('ln_bias-adapter',
+         _dinov3_cfg(trainable='ln_bias', adapter_indices=(1, ),
+                     adapter_cfg=DINO_ADAPTER),
+         lambda m: m(DINOV3_X, text=_text(dims=16)), _check_dinov2(2),
+         trainable=lambda m: _ln_bias_names(m, skip='adapters')
+         | _names_under(m, 'adapters.')),
+    Case('frozen-parallel-mlp',
+         _dinov3_cfg(trainable='frozen', adapters=[
+             dict(DETRIS_DA, insert=(0, 2), scale=0.2, embed_dims=24)
+         ]),
+         lambda m: m(DINOV3_X, text=_text(dims=16)), _check_dinov2(2),
+         trainable=lambda m: _names_under(m, 'adapters.')),
+    Case('frozen-bridge',
+         _dinov3_cfg(trainable='frozen', adapters=[
+             dict(type='ETRISBridger', insert=(0, 2), text_dims=16,
+                  hidden_dims=8, num_heads=2)
+         ]),
+         lambda m: m.forward_features(DINOV3_X,
+                                      text_stream=_stream(_clip_cfg(
+                                          'frozen'))),
+         lambda m, out: _check_bridged(out, [(2, 24, 3, 4)] * 2),
+         trainable=lambda m: _names_under(m, 'adapters.')),
+]
+
+
 def _stream(text_cfg: dict):
     """A lock-step text stream of a fresh tiny text tower."""
     with DefaultScope.overwrite_default_scope('mmseg'):
@@ -991,6 +1039,7 @@ CASES: Dict[str, List[Case]] = {
     'DETRISTextAdapter': TEXT_ADAPTER_CASES,
     'SERAFusion': FUSION_CASES,
     'DINOv2': DINOV2_CASES,
+    'DINOv3': DINOV3_CASES,
     'CLIPViT': CLIP_VIT_CASES,
     'ETRISBridger': BRIDGER_CASES,
     'OpenCLIPTextEncoder': CLIP_CASES,

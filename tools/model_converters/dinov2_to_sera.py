@@ -42,6 +42,9 @@ from typing import Dict, Optional
 import torch
 from torch import Tensor
 
+from mmseg_sera.models.dinov3_checkpoint import dinov3_markers
+from mmseg_sera.models.vit_checkpoint import unwrap_checkpoint
+
 LAYOUTS = ('auto', 'official', 'timm')
 
 # Keys of our layout (after conversion).
@@ -57,49 +60,6 @@ _OUR_KEY_RE = re.compile('^(' + '|'.join(_OUR_KEYS) + ')$')
 # Keys that carry nothing for dense features.
 _DROP_RE = re.compile(r'^(mask_token|head\..*)$')
 _CHUNK_RE = re.compile(r'^blocks\.(\d+)\.(\d+)\.(.*)$')
-
-
-def unwrap_checkpoint(ckpt: Dict,
-                      prefix: Optional[str] = None) -> Dict[str, Tensor]:
-    """Return the backbone state dict inside a loaded checkpoint.
-
-    Accepts a plain state dict, or one wrapped in ``'model'``,
-    ``'state_dict'`` or ``'teacher'`` (official training checkpoints, whose
-    backbone keys start with ``backbone.`` beside ``dino_head.*`` /
-    ``ibot_head.*``, which are dropped). A leading ``module.`` is stripped.
-
-    ``prefix`` picks the encoder out of a larger model: only the keys under
-    it are kept, without it (e.g. ``'pretrained.'`` for a Depth-Anything
-    style depth network, whose DINOv2 encoder sits beside ``depth_head.*``).
-    """
-    if not isinstance(ckpt, dict):
-        raise ValueError(f'expected a dict checkpoint, got {type(ckpt)}')
-    for key in ('teacher', 'model', 'state_dict'):
-        if key in ckpt and isinstance(ckpt[key], dict):
-            ckpt = ckpt[key]
-            break
-    sd = {
-        (k[len('module.'):] if k.startswith('module.') else k): v
-        for k, v in ckpt.items()
-    }
-    if prefix:
-        kept = {k[len(prefix):]: v for k, v in sd.items()
-                if k.startswith(prefix)}
-        if not kept:
-            tops = sorted({k.split('.', 1)[0] + '.' for k in sd})
-            raise ValueError(f'no key starts with prefix {prefix!r}; the '
-                             f'checkpoint holds {tops[:12]}')
-        sd = kept
-    elif any(k.startswith('backbone.') for k in sd):
-        sd = {
-            k[len('backbone.'):]: v
-            for k, v in sd.items() if k.startswith('backbone.')
-        }
-    bad = [k for k, v in sd.items() if not isinstance(v, Tensor)]
-    if bad:
-        raise ValueError(f'checkpoint entries {bad[:8]} are not tensors: not '
-                         'a DINOv2 state dict')
-    return sd
 
 
 def detect_layout(state_dict: Dict[str, Tensor]) -> str:
@@ -118,6 +78,12 @@ def detect_layout(state_dict: Dict[str, Tensor]) -> str:
         raise ValueError('state dict mixes official (mask_token/'
                          'register_tokens/w12/chunked blocks) and timm '
                          '(reg_token) keys')
+    markers = dinov3_markers(state_dict)
+    if markers and 'pos_embed' not in keys:
+        raise ValueError(
+            'this is a DINOv3 checkpoint (RoPE, no pos_embed table; has '
+            f'{markers[:3]}): convert it with '
+            'tools/model_converters/dinov3_to_sera.py')
     if 'pos_embed' not in keys or 'cls_token' not in keys:
         raise ValueError('not a DINOv2 state dict: no pos_embed/cls_token '
                          f'(first keys: {sorted(keys)[:8]})')

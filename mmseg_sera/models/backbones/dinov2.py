@@ -23,6 +23,7 @@ backbone's :meth:`DINOv2.block_tokens`) reach the ``post_block`` adapters as
 """
 import os.path as osp
 from contextlib import nullcontext
+from functools import partial
 from typing import (Callable, Dict, List, Mapping, Optional, Sequence, Tuple,
                     Union)
 
@@ -37,6 +38,7 @@ from torch import Tensor
 from mmseg.registry import MODELS
 from ..position import sine_position_2d
 from ..structures import BackboneOutput, TextFeatures, merge_losses
+from .rope import RopeTables, apply_rope
 from .slots import (TRAINABLE_MODES, AdapterSlots, resolve_block_indices,
                     set_trainable)
 
@@ -67,35 +69,73 @@ class LayerScale(nn.Module):
         return x * self.gamma
 
 
+class MaskedBiasLinear(nn.Linear):
+    """``y = x W^T + b * bias_mask`` (the qkv projection of DINOv3).
+
+    ``bias_mask`` (out_features, a persistent buffer: it comes with the
+    weights) says which bias entries act. It starts as 1 / 0 / 1 over the
+    q / k / v thirds (no key bias, as the official initialisation); DINOv3
+    releases store either that or all zeros (no qkv bias acts).
+    """
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__(in_features, out_features, bias=True)
+        if out_features % 3:
+            raise ValueError('a masked qkv bias needs out_features divisible '
+                             f'by 3, got {out_features}')
+        mask = torch.ones(out_features)
+        mask[out_features // 3:2 * out_features // 3] = 0
+        self.register_buffer('bias_mask', mask)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight,
+                        self.bias * self.bias_mask.to(self.bias.dtype))
+
+
 class Attention(nn.Module):
     """Multi-head self-attention, ``softmax(q k^T / sqrt(d)) v``.
 
     ``qkv`` packs q, k, v (3C x C, in that order, heads contiguous), as the
-    DINOv2 / timm checkpoints do. B x N x C -> B x N x C.
+    DINOv2 / DINOv3 / timm checkpoints do. B x N x C -> B x N x C.
 
     ``fused=True`` computes it with ``F.scaled_dot_product_attention`` (no
     N x N map is kept); ``False`` with explicit matmuls and softmax, as the
     official DINOv2 ``Attention`` does without xFormers (same result; the
     benchmark uses it as the peers' reference forward).
+
+    The position encoding is the caller's: ``rope`` tables given to
+    :meth:`forward` rotate q and k of the patch tokens
+    (:func:`~.rope.apply_rope`, DINOv3); without them (DINOv2, whose
+    position table is added to the tokens before the blocks) nothing is
+    rotated. ``qkv_bias_mask`` makes ``qkv`` a :class:`MaskedBiasLinear`
+    (DINOv3; needs ``qkv_bias``).
     """
 
     def __init__(self, embed_dims: int, num_heads: int, qkv_bias: bool = True,
-                 proj_bias: bool = True, fused: bool = True) -> None:
+                 proj_bias: bool = True, fused: bool = True,
+                 qkv_bias_mask: bool = False) -> None:
         super().__init__()
         if embed_dims % num_heads:
             raise ValueError(f'embed_dims={embed_dims} is not divisible by '
                              f'num_heads={num_heads}')
+        if qkv_bias_mask and not qkv_bias:
+            raise ValueError('qkv_bias_mask needs qkv_bias=True')
         self.num_heads = num_heads
         self.fused = fused
-        self.qkv = nn.Linear(embed_dims, 3 * embed_dims, bias=qkv_bias)
+        if qkv_bias_mask:
+            self.qkv = MaskedBiasLinear(embed_dims, 3 * embed_dims)
+        else:
+            self.qkv = nn.Linear(embed_dims, 3 * embed_dims, bias=qkv_bias)
         self.proj = nn.Linear(embed_dims, embed_dims, bias=proj_bias)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, rope: Optional[RopeTables] = None) -> Tensor:
         B, N, C = x.shape
         # B x N x 3C -> 3 x B x heads x N x d
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads,
                                   C // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
+        if rope is not None:
+            q, k = apply_rope(q, k, rope)
         if self.fused:
             x = F.scaled_dot_product_attention(q, k, v)
         else:
@@ -119,17 +159,21 @@ class Mlp(nn.Module):
 
 
 class SwiGLUFFN(nn.Module):
-    """SwiGLU FFN of DINOv2 ViT-g: ``[a, b] = fc1(x)``, ``fc2(SiLU(a) * b)``.
+    """SwiGLU FFN of DINOv2 ViT-g and DINOv3 S+/L+/H+/7B:
+    ``[a, b] = fc1(x)``, ``fc2(SiLU(a) * b)``.
 
-    ``fc1`` packs the two halves (2H x C; official name ``w12``, timm
-    ``fc1``), ``fc2`` is H -> C (official ``w3``). As in the official
-    ``SwiGLUFFNFused``, H = ``8 * ceil(int(2/3 * hidden_dims) / 8)``.
+    ``fc1`` packs the two halves (2H x C; DINOv2 official name ``w12``,
+    timm ``fc1``; DINOv3 official ``w1`` (a) and ``w2`` (b), timm ``fc1_g``
+    and ``fc1_x``), ``fc2`` is H -> C (official ``w3``). As in the official
+    code, H = ``align_to * ceil(int(2/3 * hidden_dims) / align_to)``
+    (``align_to`` 8; 64 for DINOv3-7B, ffn type ``'swiglu64'``).
     """
 
     def __init__(self, embed_dims: int, hidden_dims: int,
-                 bias: bool = True) -> None:
+                 bias: bool = True, align_to: int = 8) -> None:
         super().__init__()
-        hidden = (int(hidden_dims * 2 / 3) + 7) // 8 * 8
+        d = int(hidden_dims * 2 / 3)
+        hidden = d + (-d) % align_to
         self.fc1 = nn.Linear(embed_dims, 2 * hidden, bias=bias)
         self.fc2 = nn.Linear(hidden, embed_dims, bias=bias)
 
@@ -138,7 +182,12 @@ class SwiGLUFFN(nn.Module):
         return self.fc2(F.silu(a) * b)
 
 
-FFN_TYPES = {'mlp': Mlp, 'swiglu': SwiGLUFFN, 'swiglufused': SwiGLUFFN}
+FFN_TYPES = {
+    'mlp': Mlp,
+    'swiglu': SwiGLUFFN,
+    'swiglufused': SwiGLUFFN,
+    'swiglu64': partial(SwiGLUFFN, align_to=64)
+}
 
 # A callable run in parallel with the MLP of a block: it gets LN2(z)
 # (B x N x C, all tokens) and returns a B x N x C update (see DINOv2Block).
@@ -146,29 +195,32 @@ ParallelBranch = Callable[[Tensor], Tensor]
 
 
 class DINOv2Block(nn.Module):
-    """Pre-norm ViT block with LayerScale::
+    """Pre-norm ViT block with LayerScale (DINOv2 and DINOv3)::
 
-        z = z + ls1(attn(norm1(z)))                       # attention_part
+        z = z + ls1(attn(norm1(z)[, rope]))               # attention_part
         h = norm2(z)
         z = z + ls2(mlp(h) + sum_a parallel_a(h))         # mlp_part
 
     The two halves are separate methods so that a ``parallel_mlp`` adapter
     (DETRIS Dense Aligner: ``s * A(h, text)``) can be added inside ``ls2``
-    without rewriting the block. B x N x C -> B x N x C.
+    without rewriting the block. ``rope`` (DINOv3's RoPE tables, see
+    :class:`Attention`) is None for DINOv2. B x N x C -> B x N x C.
     """
 
     def __init__(self, embed_dims: int, num_heads: int, mlp_ratio: float = 4.,
                  ffn_type: str = 'mlp', qkv_bias: bool = True,
                  proj_bias: bool = True, ffn_bias: bool = True,
                  layer_scale_init_value: float = 1e-5,
-                 drop_path_rate: float = 0., norm_eps: float = 1e-6) -> None:
+                 drop_path_rate: float = 0., norm_eps: float = 1e-6,
+                 qkv_bias_mask: bool = False) -> None:
         super().__init__()
         if ffn_type not in FFN_TYPES:
             raise ValueError(f'ffn_type must be one of {sorted(FFN_TYPES)}, '
                              f'got {ffn_type!r}')
         self.norm1 = nn.LayerNorm(embed_dims, eps=norm_eps)
         self.attn = Attention(embed_dims, num_heads, qkv_bias=qkv_bias,
-                              proj_bias=proj_bias)
+                              proj_bias=proj_bias,
+                              qkv_bias_mask=qkv_bias_mask)
         self.ls1 = LayerScale(embed_dims, layer_scale_init_value)
         self.norm2 = nn.LayerNorm(embed_dims, eps=norm_eps)
         self.mlp = FFN_TYPES[ffn_type](embed_dims, int(embed_dims * mlp_ratio),
@@ -176,10 +228,11 @@ class DINOv2Block(nn.Module):
         self.ls2 = LayerScale(embed_dims, layer_scale_init_value)
         self.drop_path_rate = drop_path_rate
 
-    def attention_part(self, z: Tensor) -> Tensor:
-        """``z + ls1(attn(norm1(z)))``."""
+    def attention_part(self, z: Tensor,
+                       rope: Optional[RopeTables] = None) -> Tensor:
+        """``z + ls1(attn(norm1(z), rope))``."""
         return z + drop_path(
-            self.ls1(self.attn(self.norm1(z))), self.drop_path_rate,
+            self.ls1(self.attn(self.norm1(z), rope)), self.drop_path_rate,
             self.training)
 
     def mlp_part(self, z: Tensor,
@@ -193,8 +246,9 @@ class DINOv2Block(nn.Module):
                              self.training)
 
     def forward(self, z: Tensor,
-                parallel: Sequence[ParallelBranch] = ()) -> Tensor:
-        return self.mlp_part(self.attention_part(z), parallel)
+                parallel: Sequence[ParallelBranch] = (),
+                rope: Optional[RopeTables] = None) -> Tensor:
+        return self.mlp_part(self.attention_part(z, rope), parallel)
 
 
 class PatchEmbed(nn.Module):
@@ -302,8 +356,12 @@ class DINOv2(BaseModule):
         's': 'small', 'b': 'base', 'l': 'large', 'g': 'giant',
         'giant2': 'giant'
     }
+    #: optional keys of an ``arch`` dict and their defaults
+    arch_defaults: Dict[str, object] = dict(mlp_ratio=4., ffn_type='mlp')
     TRAINABLE = TRAINABLE_MODES
     OUT_NORM = ('last', 'all', 'none')
+    #: the script that converts official / timm files into this layout
+    converter = CONVERTER
     POS_EMBED_INIT = ('trunc_normal', 'sincos')
     SLOT_KINDS = ('post_block', 'parallel_mlp', 'bridge')
 
@@ -332,35 +390,23 @@ class DINOv2(BaseModule):
                  pos_embed_init: str = 'trunc_normal',
                  init_cfg: Optional[Union[Dict, List[Dict]]] = None) -> None:
         super().__init__(init_cfg=init_cfg)
-        settings = self._resolve_arch(arch)
-        C = settings['embed_dims']
-        L = settings['num_layers']
-        if num_register_tokens < 0:
-            raise ValueError('num_register_tokens must be >= 0, got '
-                             f'{num_register_tokens}')
         if img_size % patch_size:
             raise ValueError(f'img_size={img_size} is not a multiple of '
                              f'patch_size={patch_size}')
-        if trainable not in self.TRAINABLE:
-            raise ValueError(f'trainable must be one of {self.TRAINABLE}, '
-                             f'got {trainable!r}')
-        if out_norm not in self.OUT_NORM:
-            raise ValueError(f'out_norm must be one of {self.OUT_NORM}, '
-                             f'got {out_norm!r}')
         if pos_embed_init not in self.POS_EMBED_INIT:
             raise ValueError('pos_embed_init must be one of '
                              f'{self.POS_EMBED_INIT}, got {pos_embed_init!r}')
-        self.pos_embed_init = pos_embed_init
-        self.arch = settings
-        self._embed_dims = C
-        self.num_layers = L
-        self.patch_size = patch_size
-        self.pos_grid = img_size // patch_size
-        self.num_register_tokens = num_register_tokens
-        has_reg = num_register_tokens > 0
         if interpolate_offset is not None and interpolate_offset < 0:
             raise ValueError('interpolate_offset must be >= 0, got '
                              f'{interpolate_offset}')
+        settings = self._init_common(
+            arch=arch, patch_size=patch_size,
+            num_register_tokens=num_register_tokens, out_indices=out_indices,
+            out_norm=out_norm, adapter_indices=adapter_indices,
+            adapter_cfg=adapter_cfg, trainable=trainable, with_cp=with_cp)
+        self.pos_embed_init = pos_embed_init
+        self.pos_grid = img_size // patch_size
+        has_reg = num_register_tokens > 0
         # Which resampling options the config set; the others follow the
         # checkpoint's record (see ``apply_recorded_resampling``).
         self._resampling_from_cfg = (interpolate_offset is not None,
@@ -376,6 +422,45 @@ class DINOv2(BaseModule):
             interpolate_offset,
             has_reg if interpolate_antialias is None else
             interpolate_antialias)
+
+        self._build_stem(in_channels)
+        self.pos_embed = nn.Parameter(
+            torch.zeros(1, 1 + self.pos_grid**2, self._embed_dims))
+        self._build_blocks(
+            settings, drop_path_rate=drop_path_rate,
+            layer_scale_init_value=layer_scale_init_value,
+            qkv_bias=qkv_bias, proj_bias=proj_bias, ffn_bias=ffn_bias,
+            norm_eps=norm_eps)
+        self._random_init()
+        self._build_adapters(adapter_cfg, adapters)
+        self._apply_trainable()
+
+    # ------------------------------------------------------------------
+    # construction helpers (shared with DINOv3)
+    # ------------------------------------------------------------------
+    def _init_common(self, *, arch: Union[str, Dict], patch_size: int,
+                     num_register_tokens: int, out_indices: Sequence[int],
+                     out_norm: str, adapter_indices: Sequence[int],
+                     adapter_cfg: Optional[Dict], trainable: str,
+                     with_cp: bool) -> Dict:
+        """Check and store the options every DINO tower has; returns the
+        resolved arch settings."""
+        settings = self._resolve_arch(arch)
+        L = settings['num_layers']
+        if num_register_tokens < 0:
+            raise ValueError('num_register_tokens must be >= 0, got '
+                             f'{num_register_tokens}')
+        if trainable not in self.TRAINABLE:
+            raise ValueError(f'trainable must be one of {self.TRAINABLE}, '
+                             f'got {trainable!r}')
+        if out_norm not in self.OUT_NORM:
+            raise ValueError(f'out_norm must be one of {self.OUT_NORM}, '
+                             f'got {out_norm!r}')
+        self.arch = settings
+        self._embed_dims = settings['embed_dims']
+        self.num_layers = L
+        self.patch_size = patch_size
+        self.num_register_tokens = num_register_tokens
         self.out_indices = resolve_block_indices(out_indices, L,
                                                  'out_indices')
         if not self.out_indices:
@@ -393,46 +478,48 @@ class DINOv2(BaseModule):
             raise ValueError('adapter_indices is set but adapter_cfg is None')
         self.trainable = trainable
         self.with_cp = with_cp
+        return settings
 
-        # --- stem ---------------------------------------------------------
-        self.patch_embed = PatchEmbed(patch_size, in_channels, C)
+    def _build_stem(self, in_channels: int) -> None:
+        """Patch embedding, class token and register tokens."""
+        C = self._embed_dims
+        self.patch_embed = PatchEmbed(self.patch_size, in_channels, C)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, C))
-        if has_reg:
+        if self.num_register_tokens > 0:
             self.register_tokens = nn.Parameter(
-                torch.zeros(1, num_register_tokens, C))
+                torch.zeros(1, self.num_register_tokens, C))
         else:
             self.register_tokens = None
-        self.pos_embed = nn.Parameter(
-            torch.zeros(1, 1 + self.pos_grid**2, C))
 
-        # --- blocks -------------------------------------------------------
-        dpr = torch.linspace(0, drop_path_rate, L).tolist()
+    def _build_blocks(self, settings: Dict, *, drop_path_rate: float,
+                      norm_eps: float, **block_kwargs) -> None:
+        """The blocks (stochastic depth rising linearly to
+        ``drop_path_rate``) and the final LayerNorm."""
+        C, L = self._embed_dims, self.num_layers
+        # on the host, also when building under torch.device('meta')
+        dpr = torch.linspace(0, drop_path_rate, L, device='cpu').tolist()
         self.blocks = nn.ModuleList([
             DINOv2Block(
                 C,
                 settings['num_heads'],
                 mlp_ratio=settings['mlp_ratio'],
                 ffn_type=settings['ffn_type'],
-                qkv_bias=qkv_bias,
-                proj_bias=proj_bias,
-                ffn_bias=ffn_bias,
-                layer_scale_init_value=layer_scale_init_value,
                 drop_path_rate=dpr[i],
-                norm_eps=norm_eps) for i in range(L)
+                norm_eps=norm_eps,
+                **block_kwargs) for i in range(L)
         ])
         self.norm = nn.LayerNorm(C, eps=norm_eps)
-        self._random_init()
 
-        # --- adapter slots ------------------------------------------------
+    def _build_adapters(self, adapter_cfg: Optional[Dict],
+                        adapters: Sequence[Dict]) -> None:
         self.adapters = AdapterSlots(
-            owner='DINOv2', kinds=self.SLOT_KINDS, num_layers=L,
-            embed_dims=C, last_index=max(self.out_indices))
+            owner=type(self).__name__, kinds=self.SLOT_KINDS,
+            num_layers=self.num_layers, embed_dims=self._embed_dims,
+            last_index=max(self.out_indices))
         for i in self.adapter_indices:
             self.adapters.add('post_block', i, adapter_cfg,
                               what='adapter_cfg')
         self.adapters.build(adapters)
-
-        self._apply_trainable()
 
     # ------------------------------------------------------------------
     # construction helpers
@@ -443,22 +530,21 @@ class DINOv2(BaseModule):
             name = cls.arch_aliases.get(arch.lower(), arch.lower())
             if name not in cls.arch_settings:
                 raise ValueError(
-                    f'Unknown DINOv2 arch {arch!r}; choose one of '
-                    f'{sorted(cls.arch_settings)} (or s/b/l/g) or pass a '
+                    f'Unknown {cls.__name__} arch {arch!r}; choose one of '
+                    f'{sorted(cls.arch_settings)} (or '
+                    f'{"/".join(sorted(cls.arch_aliases))}) or pass a '
                     'dict with embed_dims, num_layers, num_heads')
             return dict(cls.arch_settings[name])
         if isinstance(arch, dict):
             missing = {'embed_dims', 'num_layers', 'num_heads'} - set(arch)
             if missing:
                 raise ValueError(f'arch dict lacks {sorted(missing)}')
-            unknown = set(arch) - {
-                'embed_dims', 'num_layers', 'num_heads', 'mlp_ratio',
-                'ffn_type'
-            }
+            unknown = set(arch) - {'embed_dims', 'num_layers', 'num_heads'
+                                   } - set(cls.arch_defaults)
             if unknown:
                 raise ValueError(
                     f'arch dict has unknown keys {sorted(unknown)}')
-            out = dict(mlp_ratio=4., ffn_type='mlp')
+            out = dict(cls.arch_defaults)
             out.update(arch)
             return out
         raise ValueError(f'arch must be a str or dict, got {type(arch)}')
@@ -498,8 +584,9 @@ class DINOv2(BaseModule):
         set_trainable(self, self.trainable)
         if self.trainable == 'ln_bias':
             print_log(
-                f'DINOv2 trainable=ln_bias: {100 * self.trainable_share():.3f}'
-                '% of the backbone parameters train', logger='current')
+                f'{type(self).__name__} trainable=ln_bias: '
+                f'{100 * self.trainable_share():.3f}% of the backbone '
+                'parameters train', logger='current')
 
     def trainable_share(self) -> float:
         """Share of the backbone's own parameters (adapters excluded) that
@@ -550,9 +637,9 @@ class DINOv2(BaseModule):
             path = cfg.get('checkpoint')
             if not path or not osp.isfile(path):
                 raise FileNotFoundError(
-                    f'DINOv2 checkpoint not found: {path!r}. Convert the '
-                    'official/timm weights into this layout with '
-                    f'`python {CONVERTER} SRC {path}`.')
+                    f'{type(self).__name__} checkpoint not found: {path!r}. '
+                    'Convert the official/timm weights into this layout '
+                    f'with `python {self.converter} SRC {path}`.')
             self.init_cfg = None
             try:
                 super().init_weights()  # the adapters' own init
@@ -586,23 +673,19 @@ class DINOv2(BaseModule):
             k: v
             for k, v in ckpt.items() if not k.startswith('adapters.')
         }
-        recorded = (meta.get('interpolate_offset'),
-                    meta.get('interpolate_antialias'))
-        source = f'{path} ({meta.get("source_layout")} layout)'
-        if 'pos_resampling' in ckpt:  # a model of this class saved whole
-            recorded = _decode_resampling(ckpt.pop('pos_resampling'))
-            source = path
-        own = dict(self.backbone_named_parameters())
+        apply_record = self._take_record(ckpt, meta, path)
+        own = self._backbone_tensors()
         unexpected = sorted(set(ckpt) - set(own))
         missing = sorted(set(own) - set(ckpt))
         if unexpected or missing:
             raise ValueError(
-                f'{path} is not a DINOv2 checkpoint in mmseg_sera layout '
-                f'matching this model: unexpected keys {unexpected[:8]}'
-                f'{"..." if len(unexpected) > 8 else ""}, missing keys '
-                f'{missing[:8]}{"..." if len(missing) > 8 else ""}. '
-                f'Convert official/timm files with {CONVERTER} and check '
-                'arch / num_register_tokens.')
+                f'{path} is not a {type(self).__name__} checkpoint in '
+                'mmseg_sera layout matching this model: unexpected keys '
+                f'{unexpected[:8]}{"..." if len(unexpected) > 8 else ""}, '
+                f'missing keys {missing[:8]}'
+                f'{"..." if len(missing) > 8 else ""}. Convert official/'
+                f'timm files with {self.converter} and check arch / '
+                'num_register_tokens.')
         for k, v in ckpt.items():
             if (k == 'patch_embed.proj.weight' and v.ndim == 4
                     and v.shape[1] != own[k].shape[1]):
@@ -625,7 +708,33 @@ class DINOv2(BaseModule):
         with torch.no_grad():
             for k, v in ckpt.items():
                 own[k].copy_(v)
-        self.apply_recorded_resampling(*recorded, source=source)
+        apply_record()
+
+    #: buffers that record how the weights are used, not weights
+    RECORD_BUFFERS = ('pos_resampling', )
+
+    def _backbone_tensors(self) -> Dict[str, Tensor]:
+        """Parameters and persistent buffers a checkpoint of this layout
+        holds (adapters and :attr:`RECORD_BUFFERS` excluded)."""
+        return {
+            k: v
+            for k, v in self.state_dict(keep_vars=True).items()
+            if not k.startswith('adapters.') and k not in self.RECORD_BUFFERS
+        }
+
+    def _take_record(self, ckpt: Dict[str, Tensor], meta: Dict,
+                     path: str) -> Callable[[], None]:
+        """Pop what ``ckpt`` / ``meta`` record about using the weights (the
+        resampling mode) and return the step that applies it once the
+        weights are in."""
+        recorded = (meta.get('interpolate_offset'),
+                    meta.get('interpolate_antialias'))
+        source = f'{path} ({meta.get("source_layout")} layout)'
+        if 'pos_resampling' in ckpt:  # a model of this class saved whole
+            recorded = _decode_resampling(ckpt.pop('pos_resampling'))
+            source = path
+        return partial(self.apply_recorded_resampling, *recorded,
+                       source=source)
 
     def _set_resampling(self, offset: float, antialias: bool) -> None:
         self.interpolate_offset = float(offset)
@@ -737,11 +846,7 @@ class DINOv2(BaseModule):
         patch size. The class and patch tokens get the position table;
         registers get none (as in DINOv2-reg and timm).
         """
-        if x.ndim != 4 or x.shape[1] != self.patch_embed.proj.in_channels:
-            raise ValueError(
-                'DINOv2 expects B x '
-                f'{self.patch_embed.proj.in_channels} x H x W images, got '
-                f'shape {tuple(x.shape)}')
+        self._check_input(x)
         p = self.patch_size
         pad_h, pad_w = (-x.shape[2]) % p, (-x.shape[3]) % p
         if pad_h or pad_w:
@@ -756,21 +861,41 @@ class DINOv2(BaseModule):
             tokens = torch.cat([tokens[:, :1], regs, tokens[:, 1:]], dim=1)
         return tokens, (h, w)
 
+    def _check_input(self, x: Tensor) -> None:
+        if x.ndim != 4 or x.shape[1] != self.patch_embed.proj.in_channels:
+            raise ValueError(
+                f'{type(self).__name__} expects B x '
+                f'{self.patch_embed.proj.in_channels} x H x W images, got '
+                f'shape {tuple(x.shape)}')
+
+    def block_rope(self, hw: Tuple[int, int]) -> Optional[RopeTables]:
+        """RoPE tables for the next block on an h x w grid; None here (the
+        position table is added in :meth:`prepare_tokens`). DINOv3 draws
+        them per block call, as its official code does."""
+        return None
+
     def _run_block(self, i: int, tokens: Tensor,
-                   parallel: Sequence[ParallelBranch] = ()) -> Tensor:
+                   parallel: Sequence[ParallelBranch] = (),
+                   hw: Optional[Tuple[int, int]] = None) -> Tensor:
         block = self.blocks[i]
+        rope = None if hw is None else self.block_rope(hw)
         if self.with_cp and self.training and torch.is_grad_enabled():
-            return cp.checkpoint(block, tokens, parallel, use_reentrant=False)
-        return block(tokens, parallel)
+            return cp.checkpoint(block, tokens, parallel, rope,
+                                 use_reentrant=False)
+        return block(tokens, parallel, rope)
 
     def _to_map(self, tokens: Tensor, hw: Tuple[int, int],
-                normed: bool) -> Tensor:
-        """Patch tokens of B x N x C -> B x C x h x w."""
+                normed: bool) -> Tuple[Tensor, Tensor]:
+        """Tokens B x (P + N) x C -> the patch map B x C x h x w and the
+        prefix tokens B x P x C (class, registers), both final-normed when
+        ``normed``."""
         if normed:
             tokens = self.norm(tokens)
-        patches = tokens[:, self.num_prefix_tokens:]
+        P = self.num_prefix_tokens
+        patches = tokens[:, P:]
         B, _, C = patches.shape
-        return patches.transpose(1, 2).reshape(B, C, *hw).contiguous()
+        return (patches.transpose(1, 2).reshape(B, C, *hw).contiguous(),
+                tokens[:, :P])
 
     def _context_fn(
             self, block_context: Optional[BlockContext]
@@ -816,10 +941,12 @@ class DINOv2(BaseModule):
                 adapter) run as without it.
 
         Returns:
-            ``BackboneOutput(feats, routing, aux_losses, text)``: the
-            ``out_indices`` levels as B x C x h x w maps (h = ceil(H / 14)),
-            block index -> adapter routing weights, summed adapter losses,
-            and with a text stream the final text features.
+            ``BackboneOutput(feats, routing, aux_losses, text,
+            prefix_tokens)``: the ``out_indices`` levels as B x C x h x w
+            maps (h = ceil(H / 14)), block index -> adapter routing
+            weights, summed adapter losses, with a text stream the final
+            text features, and each level's
+            class and register tokens (B x (1 + R) x C, normed as the map).
         """
         tokens, hw = self.prepare_tokens(x)
         P = self.num_prefix_tokens
@@ -827,13 +954,14 @@ class DINOv2(BaseModule):
         run = self.adapters.start_lockstep(text_stream, num_prefix=P, hw=hw)
         last = self.out_indices[-1]
         feats: List[Tensor] = []
+        prefix: List[Tensor] = []
         routing: Dict[int, Tensor] = {}
         losses: List[Dict[str, Tensor]] = []
         for i in range(last + 1):
             # 'parallel_mlp': s * A(norm2 z, ...) beside the MLP, inside ls2
             parallel = self.adapters.branches(
                 'parallel_mlp', i, hw=hw, text=text, num_prefix=P)
-            tokens = self._run_block(i, tokens, parallel)
+            tokens = self._run_block(i, tokens, parallel, hw)
             # 'post_block': the patch tokens after block i
             tokens, out = self.adapters.run_post_block(
                 i, tokens, num_prefix=P, hw=hw, text=text,
@@ -847,11 +975,14 @@ class DINOv2(BaseModule):
             if i in self.out_indices:
                 normed = self.out_norm == 'all' or (self.out_norm == 'last'
                                                     and i == last)
-                feats.append(self._to_map(tokens, hw, normed))
+                level, first = self._to_map(tokens, hw, normed)
+                feats.append(level)
+                prefix.append(first)
         return BackboneOutput(
             feats=tuple(feats), routing=routing,
             aux_losses=merge_losses(*losses),
-            text=None if run is None else run.finish())
+            text=None if run is None else run.finish(),
+            prefix_tokens=tuple(prefix))
 
     def block_tokens(self, x: Tensor, *, num_blocks: Optional[int] = None,
                      norm: bool = False) -> List[Tensor]:
@@ -879,10 +1010,10 @@ class DINOv2(BaseModule):
             nullcontext()
         out: List[Tensor] = []
         with grad:
-            tokens, _ = self.prepare_tokens(x)
+            tokens, hw = self.prepare_tokens(x)
             P = self.num_prefix_tokens
             for i in range(L):
-                tokens = self._run_block(i, tokens)
+                tokens = self._run_block(i, tokens, hw=hw)
                 patches = tokens[:, P:]
                 out.append(self.norm(patches) if norm else patches)
         return out
