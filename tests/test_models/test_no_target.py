@@ -171,6 +171,7 @@ def test_training_moves_the_score_toward_the_flag(kind):
     (dict(threshold=1.0), 'threshold must lie in'),
     (dict(loss_weight=-1), 'loss_weight must be >= 0'),
     (dict(hidden_channels=0), 'hidden_channels must be >= 1'),
+    (dict(zero_mask=1), 'zero_mask must be a bool'),
 ])
 def test_bad_config(cfg, match):
     with pytest.raises(ValueError, match=match):

@@ -95,6 +95,24 @@ def test_predict_sets_the_flag_and_zeroes_the_mask(models, bias):
             assert torch.equal(g.pred_sem_seg.data, r.pred_sem_seg.data)
 
 
+def test_zero_mask_off_keeps_the_mask_as_rela(models):
+    """``no_target_cfg.zero_mask=False``: the flag is set but the mask
+    stays what the mask head drew (ReLA's behaviour)."""
+    off, _ = models
+    keep = _build(dict(NT_CFG, zero_mask=False)).eval()
+    _set_bias(keep, 20.0)
+    off.eval()
+    with torch.no_grad():
+        got = keep(**keep.data_preprocessor(make_batch(TEXTS, ORI, seed=2),
+                                            False), mode='predict')
+        ref = off(**off.data_preprocessor(make_batch(TEXTS, ORI, seed=2),
+                                          False), mode='predict')
+    assert any(r.pred_sem_seg.data.any() for r in ref)
+    for g, r in zip(got, ref):
+        assert g.pred_no_target is True
+        assert torch.equal(g.pred_sem_seg.data, r.pred_sem_seg.data)
+
+
 def test_flags_scored_by_the_metric_end_to_end(models, tmp_path):
     """test_step on the generalized synthetic set, then ReferSegMetric
     (paper definitions): every sample called "no target" gives IoU 1 on

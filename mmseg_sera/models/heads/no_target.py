@@ -34,8 +34,10 @@ toward the all-zero mask (its ground truth).
 Prediction (the segmentor): ``pred_no_target = sigmoid(score) > threshold``
 and ``no_target_score = sigmoid(score)`` in every output's metainfo; when
 ``pred_no_target`` is set the predicted mask ``pred_sem_seg`` is all zeros
-(ReLA keeps the mask it would have drawn; a user who is told "no target"
-should not see one). ``seg_logits`` keep the mask probabilities.
+(``zero_mask=True``, the default: a user who is told "no target" should not
+see a mask; ReLA keeps the mask it would have drawn, which
+``zero_mask=False`` reproduces). ``seg_logits`` keep the mask
+probabilities.
 """
 from typing import Dict, List, Optional, Sequence
 
@@ -58,9 +60,10 @@ PRED_NO_TARGET_KEY = 'pred_no_target'
 NO_TARGET_SCORE_KEY = 'no_target_score'
 
 #: ``no_target_cfg`` of the heads: the scorer's hidden width, the weight of
-#: ``loss_no_target`` and the decision threshold on sigmoid(score)
+#: ``loss_no_target``, the decision threshold on sigmoid(score) and whether
+#: a "no target" answer empties the predicted mask
 NO_TARGET_DEFAULTS = dict(hidden_channels=256, loss_weight=1.0,
-                          threshold=0.5)
+                          threshold=0.5, zero_mask=True)
 
 
 def check_no_target_cfg(cfg: Optional[dict], owner: str) -> Optional[dict]:
@@ -83,6 +86,9 @@ def check_no_target_cfg(cfg: Optional[dict], owner: str) -> Optional[dict]:
     if float(out['loss_weight']) < 0:
         raise ValueError(f'{owner}: no_target_cfg.loss_weight must be >= 0, '
                          f'got {out["loss_weight"]}')
+    if not isinstance(out['zero_mask'], bool):
+        raise ValueError(f'{owner}: no_target_cfg.zero_mask must be a bool, '
+                         f'got {out["zero_mask"]!r}')
     if not 0.0 < float(out['threshold']) < 1.0:
         raise ValueError(f'{owner}: no_target_cfg.threshold must lie in '
                          f'(0, 1), got {out["threshold"]}')

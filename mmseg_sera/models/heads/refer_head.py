@@ -235,7 +235,8 @@ class BaseReferHead(BaseDecodeHead):
             (:class:`~.no_target.NoTargetScorer` on V and the pooled
             sentence) and its loss ``loss_no_target``; keys (defaults):
             ``hidden_channels`` (256), ``loss_weight`` (1.0),
-            ``threshold`` (0.5, on sigmoid(score)).
+            ``threshold`` (0.5, on sigmoid(score)), ``zero_mask`` (True:
+            a "no target" answer empties the predicted mask).
     """
 
     def __init__(self,

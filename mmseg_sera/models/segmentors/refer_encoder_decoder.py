@@ -238,10 +238,12 @@ class ReferringEncoderDecoder(BaseSegmentor):
         gets metainfo ``no_target_score`` = p_b (float) and
         ``pred_no_target`` = p_b > ``decode_head.no_target_threshold``
         (bool, what ``ReferSegMetric`` reads); where it is true,
-        ``pred_sem_seg`` becomes all zeros ("no target" shows no mask),
+        ``pred_sem_seg`` becomes all zeros ("no target" shows no mask;
+        unless the head's ``no_target_cfg.zero_mask`` is False, as ReLA),
         while ``seg_logits`` keep the mask probabilities.
         """
         threshold = self.decode_head.no_target_threshold
+        zero_mask = bool(self.decode_head.no_target_cfg['zero_mask'])
         probs = scores.detach().float().sigmoid()
         flags = probs > threshold
         # one host read for the whole batch
@@ -250,7 +252,7 @@ class ReferringEncoderDecoder(BaseSegmentor):
             flag = bool(flag)
             sample.set_metainfo({NO_TARGET_SCORE_KEY: float(p),
                                  PRED_NO_TARGET_KEY: flag})
-            if flag:
+            if flag and zero_mask:
                 pred = sample.pred_sem_seg.data
                 sample.pred_sem_seg = PixelData(data=torch.zeros_like(pred))
         return data_samples
