@@ -34,6 +34,9 @@ METHODS = {
     (f'segvlm/segvlm_{TINY}-112x112.py', 'ReferHead'),
     f'spectralmoe-ris_{TINY}-grefer-112x112.py':
     (f'spectralmoe/spectralmoe-ris_{TINY}-112x112.py', 'ReferHead'),
+    # the control: one fixed sentence for every sample
+    f'sera-text-blind_{TINY}-grefer-112x112.py':
+    (f'sera/ablation/sera-text-blind_{TINY}-112x112.py', 'ReferHead'),
     'sera_dinov2-b14-reg4_clip-b16_1xb16-50e_grefcoco-448x448.py':
     ('sera/sera_dinov2-b14-reg4_clip-b16_1xb16-50e_refcoco-448x448.py',
      'ReferHead'),
@@ -113,6 +116,23 @@ def test_data_parts_equal_the_dataset_configs(name, dataset_cfg):
     assert cfg.test_evaluator == ref.test_evaluator
 
 
+def test_text_blind_control_sees_one_sentence():
+    """The control's pipelines give every sample 'the shape'; all else is
+    the tiny SERA GRES config."""
+    blind, full = _cfg(f'sera-text-blind_{TINY}-grefer-112x112.py'), \
+        _cfg(SERA_TINY)
+    for loader in LOADERS:
+        select, = [t for t in blind[loader].dataset.pipeline
+                   if t['type'] == 'SelectSentence']
+        assert select['fixed_text'] == 'the shape'
+        want = full[loader].to_dict()
+        got = blind[loader].to_dict()
+        got['dataset'].pop('pipeline'), want['dataset'].pop('pipeline')
+        assert got == want
+    assert blind.model == full.model
+    assert blind.test_evaluator == full.test_evaluator
+
+
 @pytest.mark.parametrize('name', PAPER_GRES)
 def test_paper_heads_have_the_scorer(name):
     """The paper-scale heads (built alone: the towers are tested with the
@@ -181,7 +201,7 @@ def test_tiny_sera_trains_and_tests_through_the_tools(grefer_root, tmp_path):
 
 
 @pytest.mark.parametrize('name', [n for n in TINY_GRES
-                                  if not n.startswith('sera_')])
+                                  if not n.startswith('sera')])
 def test_tiny_model_steps_and_is_scored(grefer_root, name):
     """One training step (``loss_no_target`` among the losses, finite, a
     gradient on the scorer) and one test step whose outputs carry
