@@ -81,8 +81,14 @@ def test_method_config_plus_no_target_and_gres_data(name):
     assert model == ref_model
     assert model['decode_head']['type'] == METHODS[name][1]
     for key in ('optim_wrapper', 'param_scheduler', 'train_cfg',
-                'randomness', 'default_hooks'):
+                'randomness'):
         assert cfg.get(key) == ref.get(key), key
+    # the best checkpoint is the one with the best gIoU
+    hooks, ref_hooks = cfg.default_hooks.to_dict(), \
+        ref.default_hooks.to_dict()
+    assert hooks['checkpoint'].pop('save_best') == 'gIoU'
+    assert ref_hooks['checkpoint'].pop('save_best') == 'mIoU'
+    assert hooks == ref_hooks
     for loader in LOADERS:
         got, want = cfg[loader].to_dict(), ref[loader].to_dict()
         ds, ref_ds = got.pop('dataset'), want.pop('dataset')

@@ -13,3 +13,5 @@ val_dataloader = dict(dataset={{_base_.grefcoco_dataset}})
 test_dataloader = dict(dataset={{_base_.grefcoco_dataset}})
 val_evaluator = {{_base_.grefcoco_evaluator}}
 test_evaluator = {{_base_.grefcoco_evaluator}}
+# keep the checkpoint with the best GRES score (mIoU ignores 'no target')
+default_hooks = dict(checkpoint=dict(save_best='gIoU'))

@@ -10,3 +10,5 @@ _base_ = [
     '../_base_/schedules/schedule_50e.py',
 ]
 model = dict(decode_head=dict(no_target_cfg=dict()))
+# keep the checkpoint with the best GRES score (mIoU ignores 'no target')
+default_hooks = dict(checkpoint=dict(save_best='gIoU'))

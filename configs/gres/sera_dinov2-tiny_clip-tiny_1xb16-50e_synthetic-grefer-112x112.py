@@ -12,3 +12,5 @@ val_dataloader = dict(dataset={{_base_.gres_synthetic_dataset}})
 test_dataloader = dict(dataset={{_base_.gres_synthetic_dataset}})
 val_evaluator = {{_base_.gres_synthetic_evaluator}}
 test_evaluator = {{_base_.gres_synthetic_evaluator}}
+# keep the checkpoint with the best GRES score (mIoU ignores 'no target')
+default_hooks = dict(checkpoint=dict(save_best='gIoU'))
