@@ -398,11 +398,12 @@ class BaseReferHead(BaseDecodeHead):
         """forward -> loss_by_feat; returns ``loss_*`` and ``acc_seg``,
         with the scorer also ``loss_no_target`` and ``acc_no_target``
         (:meth:`loss_no_target_by_feat`)."""
+        if self.no_target is None:  # the call path of a plain RES head
+            return self.loss_by_feat(self.forward(inputs, text),
+                                     batch_data_samples)
         logits, score = self.forward_with_no_target(inputs, text)
         losses = self.loss_by_feat(logits, batch_data_samples)
-        if score is not None:
-            losses.update(
-                self.loss_no_target_by_feat(score, batch_data_samples))
+        losses.update(self.loss_no_target_by_feat(score, batch_data_samples))
         return losses
 
     def loss_no_target_by_feat(self, scores: Tensor,
