@@ -164,3 +164,18 @@ def test_flags_scored_by_the_metric_end_to_end(models, tmp_path):
         ious.append(0.0 if o.no_target or union == 0 else
                     int((pred & gt).sum()) / union)
     assert got['gIoU'] == pytest.approx(100.0 * np.mean(ious))
+
+
+def test_a_res_checkpoint_loads_into_the_no_target_model(models):
+    """Today's checkpoints stay usable: a model without the option loads
+    into one with it (e.g. ``load_from`` to fine-tune on gRefCOCO) with
+    only the scorer missing, and the no-target model's state dict minus the
+    scorer loads strictly into a model without it."""
+    off, on = models
+    result = on.load_state_dict(off.state_dict(), strict=False)
+    assert result.unexpected_keys == []
+    assert result.missing_keys and all(
+        k.startswith('decode_head.no_target.') for k in result.missing_keys)
+    plain = {k: v for k, v in on.state_dict().items()
+             if not k.startswith('decode_head.no_target.')}
+    _build().load_state_dict(plain, strict=True)
