@@ -6,7 +6,9 @@
 Writes FILE (PNG or JPEG by extension): one panel per sentence, side by
 side, each the image with the predicted mask as a translucent overlay and
 its outline, the sentence in a white band above it.  Prints the share of
-the image each mask covers.
+the image each mask covers, or "no target" where a model with a no-target
+scorer (generalized referring segmentation, docs/gres.md) says that the
+sentence names nothing in the image (its band then says "no target" too).
 """
 import argparse
 import sys
@@ -49,6 +51,10 @@ def main(argv=None) -> None:
     show_refer_result(args.img, results, opacity=args.opacity,
                       out_file=args.out, show=args.show)
     for sample in results:
+        if sample.metainfo.get('pred_no_target', False):
+            print(f'"{sample.text}": no target (score '
+                  f'{sample.no_target_score:.2f})')
+            continue
         mask = sample.pred_sem_seg.data[0]
         share = float(mask.float().mean()) * 100
         print(f'"{sample.text}": {int(mask.sum())} pixels ({share:.1f}% of '

@@ -32,7 +32,8 @@ def test_config_loads(path):
     assert 'mmseg_sera' in cfg.custom_imports['imports']
     assert cfg.model.type == 'ReferringEncoderDecoder'
     assert cfg.train_dataloader.dataset.type in ('RefCocoDataset',
-                                                 'PhraseCutDataset')
+                                                 'PhraseCutDataset',
+                                                 'GRefCocoDataset')
     assert cfg.val_evaluator.type == 'ReferSegMetric'
 
 

@@ -21,8 +21,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('checkpoint', help='checkpoint file')
     p.add_argument('--work-dir', help='directory for the evaluation logs')
     p.add_argument('--out', help='directory for the results: OUT/metrics.json '
-                   '(mIoU, oIoU, Pr@X) and OUT/per_expression.json (ref_id, '
-                   'sent_id, IoU of every sentence)')
+                   '(mIoU, oIoU, Pr@X; gIoU, cIoU, N-acc, T-acc with a GRES '
+                   'protocol) and OUT/per_expression.json (ref_id, sent_id, '
+                   'IoU, I, U, no_target, pred_no_target of every sentence)')
     p.add_argument('--show', action='store_true', help='show predictions')
     p.add_argument('--show-dir', help='directory to save overlay pictures')
     p.add_argument('--show-interval', type=int, default=None,

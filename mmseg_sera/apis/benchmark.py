@@ -431,7 +431,11 @@ def parts_annotated(model: nn.Module,
     targets += [('adapters', a, 'forward') for a in adapters.values()]
     if getattr(model, 'neck', None) is not None:
         targets.append(('neck', model.neck, 'forward'))
-    targets += [('head', model.decode_head, 'forward'),
+    # a head with a no-target scorer runs its mask path and the scorer in
+    # one call (BaseReferHead.forward_with_no_target)
+    head_fn = ('forward_with_no_target' if getattr(
+        model.decode_head, 'predicts_no_target', False) else 'forward')
+    targets += [('head', model.decode_head, head_fn),
                 ('losses', model.decode_head, 'loss_by_feat')]
     saved = [(obj, attr, vars(obj).get(attr)) for _, obj, attr in targets]
     for part, obj, attr in targets:

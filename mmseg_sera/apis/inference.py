@@ -8,7 +8,11 @@ Mirrors ``mmseg.apis`` (``init_model``, ``inference_model``,
     sample = inference_model(model, 'street.jpg', 'the man on the left')
     mask = sample.pred_sem_seg.data[0]        # H x W, 1 = referred object
     probs = sample.seg_logits.data[0]         # H x W, sigmoid probabilities
+    sample.metainfo.get('pred_no_target')     # True: names nothing here
     show_refer_result('street.jpg', sample, out_file='street_mask.png')
+
+(``pred_no_target`` exists when the model's head has a no-target scorer,
+``decode_head.no_target_cfg``; see docs/gres.md.)
 """
 import copy
 import os.path as osp
@@ -29,7 +33,8 @@ from mmseg.registry import TRANSFORMS
 from mmseg.structures import SegDataSample
 from ..datasets.transforms.text_transforms import clean_sentence
 from ..engine.checkpoint import read_checkpoint
-from ..visualization.refer_visualizer import draw_refer_panels
+from ..visualization.refer_visualizer import (draw_refer_panels,
+                                              no_target_caption)
 from .config import build_model, load_config
 
 __all__ = [
@@ -269,6 +274,12 @@ def inference_model(model: nn.Module, img: ImageInput,
         - metainfo ``text`` (the cleaned sentence), ``sent_id`` (its index
           in ``sentences``), ``img_path`` (None for an array),
           ``ori_shape``, ``padding_size``, ...
+        - when the model's head has a no-target scorer
+          (``decode_head.no_target_cfg``, generalized referring
+          segmentation): metainfo ``pred_no_target`` (bool, "the sentence
+          names nothing in this image"; then ``pred_sem_seg`` is all
+          zeros) and ``no_target_score`` (its probability). A mask may
+          cover several objects ("all red shapes").
 
     Raises:
         ValueError: an empty sentence (after cleaning), an empty list, or
@@ -311,7 +322,9 @@ def show_refer_result(img: ImageInput,
 
     One panel per sample, side by side: the image with the predicted mask
     as a translucent overlay (``opacity``) and its contour, under a white
-    band with the sample's sentence.  See
+    band with the sample's sentence, and ``no target (score p)`` on a
+    second line where the model said the sentence names nothing
+    (metainfo ``pred_no_target``).  See
     :func:`~mmseg_sera.visualization.draw_refer_panels`.
 
     Args:
@@ -338,7 +351,9 @@ def show_refer_result(img: ImageInput,
             raise ValueError(f'sample {i} has no pred_sem_seg: pass the '
                              'output of inference_model')
         masks.append(sample.pred_sem_seg.data[0].cpu().numpy() > 0)
-        texts.append(sample.metainfo.get('text', ''))
+        caption = no_target_caption(sample.metainfo)
+        text = sample.metainfo.get('text', '')
+        texts.append(text if caption is None else [text, caption])
     drawn = draw_refer_panels(image, masks, texts, color=color,
                               alpha=opacity)
     if out_file is not None:  # mmcv creates the missing folders

@@ -2,9 +2,9 @@
 VISUALIZERS)."""
 from .refer_visualizer import (ReferSegVisualizer, draw_mask_overlay,
                                draw_refer_overlay, draw_refer_panels,
-                               text_band, wrap_text)
+                               no_target_caption, text_band, wrap_text)
 
 __all__ = [
     'ReferSegVisualizer', 'draw_mask_overlay', 'draw_refer_overlay',
-    'draw_refer_panels', 'text_band', 'wrap_text'
+    'draw_refer_panels', 'no_target_caption', 'text_band', 'wrap_text'
 ]

@@ -5,6 +5,11 @@ the image (never over the object).
 Pure drawing functions (numpy in, numpy out) serve the demo and the inference
 API; :class:`ReferSegVisualizer` wraps them for MMEngine's visualisation
 machinery (``SegVisualizationHook``, ``tools/test.py --show-dir``).
+
+Generalized referring segmentation: when a model says that the sentence
+names nothing (metainfo ``pred_no_target``, set by a head with a no-target
+scorer), the band says so in words (:func:`no_target_caption`), since an
+empty mask alone looks the same as a failure to find the object.
 """
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -20,7 +25,7 @@ from mmseg.visualization import SegLocalVisualizer
 
 __all__ = [
     'wrap_text', 'text_band', 'draw_mask_overlay', 'draw_refer_overlay',
-    'draw_refer_panels', 'ReferSegVisualizer'
+    'draw_refer_panels', 'no_target_caption', 'ReferSegVisualizer'
 ]
 
 Color = Tuple[int, int, int]
@@ -118,6 +123,17 @@ def text_band(width: int,
     return band
 
 
+def no_target_caption(metainfo: dict) -> Optional[str]:
+    """``'no target'`` (with ``' (score 0.93)'`` when metainfo has
+    ``no_target_score``) when metainfo ``pred_no_target`` is true, else
+    None."""
+    if not metainfo.get('pred_no_target', False):
+        return None
+    score = metainfo.get('no_target_score')
+    return 'no target' if score is None else \
+        f'no target (score {float(score):.2f})'
+
+
 def _as_mask(mask, shape: Tuple[int, int]) -> np.ndarray:
     if isinstance(mask, torch.Tensor):
         mask = mask.detach().cpu().numpy()
@@ -206,11 +222,13 @@ def draw_refer_overlay(image_rgb: np.ndarray,
 
 def draw_refer_panels(image_rgb: np.ndarray,
                       masks: Sequence,
-                      texts: Sequence[str],
+                      texts: Sequence[Union[str, Sequence[str]]],
                       color: Color = (255, 64, 64),
                       alpha: float = 0.5) -> np.ndarray:
     """Several sentences on one image: one :func:`draw_refer_overlay` panel
     per (mask, text), side by side, their bands padded to the same height.
+    A text may be several paragraphs (a list: the sentence, then e.g.
+    ``'no target'``), each starting a new line.
 
     Returns:
         (band + H) x (n * W) x 3 uint8 RGB.
@@ -237,7 +255,11 @@ class ReferSegVisualizer(SegLocalVisualizer):
     ``pred_color`` and, when the sample has ``gt_sem_seg`` (value 1 = the
     object), the ground truth in ``gt_color`` on a second panel on the
     LEFT (mmseg's order: ground truth left, prediction right); the sentence
-    (``metainfo['text']``) is written in a white band above the panels.
+    (``metainfo['text']``) is written in a white band above the panels,
+    followed by ``prediction: no target (score p)`` when the model says
+    the sentence names nothing (metainfo ``pred_no_target``) and
+    ``ground truth: no target`` for a sample flagged ``no_target``
+    (gRefCOCO).
 
     Saved names are unique per sentence: MMSeg's ``SegVisualizationHook``
     names every picture after the image file, so the sentences of one image
@@ -316,7 +338,10 @@ class ReferSegVisualizer(SegLocalVisualizer):
         image = _check_image(image)
         shape = image.shape[:2]
         panels, labels = [], []
+        notes: List[str] = []
         if data_sample is not None and draw_gt and 'gt_sem_seg' in data_sample:
+            if data_sample.metainfo.get('no_target', False):
+                notes.append('ground truth: no target')
             gt = data_sample.gt_sem_seg.data
             panels.append(draw_mask_overlay(
                 image, _as_mask(gt == 1, shape), color=self.gt_color,
@@ -324,6 +349,9 @@ class ReferSegVisualizer(SegLocalVisualizer):
             labels.append('ground truth')
         if data_sample is not None and draw_pred and \
                 'pred_sem_seg' in data_sample:
+            caption = no_target_caption(data_sample.metainfo)
+            if caption is not None:
+                notes.append(f'prediction: {caption}')
             pred = data_sample.pred_sem_seg.data
             panels.append(draw_mask_overlay(
                 image, _as_mask(pred > 0, shape), color=self.pred_color,
@@ -334,6 +362,7 @@ class ReferSegVisualizer(SegLocalVisualizer):
         text: List[str] = []
         if data_sample is not None and data_sample.metainfo.get('text'):
             text.append(str(data_sample.metainfo['text']))
+        text.extend(notes)
         if len(labels) == 2:
             text.append('left: ground truth, right: prediction')
         row = np.concatenate(panels, axis=1)

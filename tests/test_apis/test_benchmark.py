@@ -262,3 +262,21 @@ def test_breakdowns_add_up(tiny_model, tiny_phases):
     assert inf['head'] > 0 and inf['adapters'] > 0
     assert sum(v for k, v in inf.items() if k != 'inference') == \
         pytest.approx(inf['inference'])
+
+
+def test_profiled_step_names_the_head_of_a_no_target_model():
+    """A head with a no-target scorer runs forward_with_no_target in
+    training and prediction: the profiler's 'head' part wraps that."""
+    cfg = load_config(TINY_CONFIG, {
+        'model.decode_head.no_target_cfg': dict(hidden_channels=8)})
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    batch = bm.make_batch(2, 56)
+    phases = bm.make_phases(
+        model, bm.preprocess(model, batch, training=True),
+        bm.preprocess(model, batch, training=False),
+        bm.build_optimizer(cfg, model), contextlib.nullcontext,
+        explicit_ref=True)
+    cpu = torch.device('cpu')
+    fwd = bm.section_times(bm.profiled(phases['train_step'], model, cpu))
+    assert set(fwd) == set(bm.PARTS) and fwd['head'] > 0

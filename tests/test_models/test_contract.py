@@ -720,10 +720,37 @@ def _run_head(m):
     return m((_maps(2, 16, 4, 5), ), _text(L=6, dims=12, pooled_dims=10))
 
 
+def _run_head_loss(m):
+    """``loss`` on two samples, the first flagged no_target (empty
+    mask)."""
+    samples = []
+    for flag in (True, False):
+        s = SegDataSample()
+        gt = torch.zeros(1, 14, 18, dtype=torch.long)
+        if not flag:
+            gt[:, 3:9, 4:12] = 1
+        s.gt_sem_seg = PixelData(data=gt)
+        s.set_metainfo(dict(no_target=flag))
+        samples.append(s)
+    return m.loss((_maps(2, 16, 4, 5), ), _text(L=6, dims=12,
+                                                pooled_dims=10),
+                  samples, None)
+
+
+def _check_no_target_loss(m, out):
+    assert isinstance(out, dict) and m.predicts_no_target
+    assert {'loss_mask', 'loss_no_target', 'acc_no_target'} <= set(out)
+    for k, v in out.items():
+        assert v.ndim == 0 and v.requires_grad == k.startswith('loss'), k
+
+
 HEAD_CASES = [
     Case('decoder', _head_cfg(), _run_head, _check_head),
     Case('no-decoder', _head_cfg(num_decoder_layers=0, kernel_size=3),
          _run_head, _check_head),
+    # generalized RES: the no-target scorer, trained through the loss
+    Case('no-target', _head_cfg(no_target_cfg=dict(hidden_channels=8)),
+         _run_head_loss, _check_no_target_loss),
 ]
 
 
@@ -763,6 +790,7 @@ def _check_segmentor(m, out):
         'loss_mask', 'loss_dice', 'loss_moe_z', 'loss_moe_balance',
         'loss_moe_token'
     } <= set(out)
+    assert ('loss_no_target' in out) == m.decode_head.predicts_no_target
     for k, v in out.items():
         assert v.ndim == 0 and torch.isfinite(v), k
         assert v.requires_grad == k.startswith('loss'), k
@@ -787,6 +815,10 @@ SEGMENTOR_CASES = [
          _segmentor_cfg(backbone=dict(trainable='ln_bias'),
                         text_encoder=dict(trainable='frozen')),
          _run_segmentor, _check_segmentor, trainable=_paper_trainable),
+    Case('tiny-config-no-target',
+         _segmentor_cfg(decode_head=dict(no_target_cfg=dict(
+             hidden_channels=8))),
+         _run_segmentor, _check_segmentor),
 ]
 
 
@@ -845,6 +877,12 @@ CRIS_HEAD_CASES = [
               pooled_dims=10, num_decoder_layers=1, decoder_heads=2,
               decoder_ffn_channels=16, up_channels=[8, 8]),
          _run_head, _check_cris_map((2, 1, 16, 20))),
+    Case('no-target',
+         dict(type='CRISHead', in_channels=16, channels=8, text_dims=12,
+              pooled_dims=10, num_decoder_layers=1, decoder_heads=2,
+              decoder_ffn_channels=16, up_channels=[8, 8], loss_at='gt',
+              no_target_cfg=dict(hidden_channels=8)),
+         _run_head_loss, _check_no_target_loss),
 ]
 
 

@@ -1,6 +1,7 @@
 from .aux_loss_head import BackboneAuxLossHead
 from .cris_head import (CRISHead, TextDynamicConvProjector,
                         VLGlobalAlignDecoder)
+from .no_target import NoTargetScorer
 from .refer_head import (BaseReferHead, ReferHead, TextDynamicProjector,
                          VLDecoder)
 from .segvlm import DeformableRefine, SegVLMRefineBlock, SegVLMSEBlock
@@ -9,5 +10,5 @@ __all__ = [
     'ReferHead', 'TextDynamicProjector', 'VLDecoder', 'BaseReferHead',
     'CRISHead', 'TextDynamicConvProjector', 'VLGlobalAlignDecoder',
     'BackboneAuxLossHead', 'SegVLMSEBlock', 'DeformableRefine',
-    'SegVLMRefineBlock'
+    'SegVLMRefineBlock', 'NoTargetScorer'
 ]

@@ -186,6 +186,9 @@ class CRISHead(BaseReferHead):
             ``loss_mask``.
         loss_at: ``'logits'`` (the peers) or ``'gt'``; see
             :class:`BaseReferHead`.
+        no_target_cfg: the no-target scorer (generalized referring
+            segmentation), off with None; see :class:`BaseReferHead`. It
+            reads V after the decoder (the neck's grid).
         init_cfg: mmengine init config (PyTorch defaults otherwise).
     """
 
@@ -217,6 +220,7 @@ class CRISHead(BaseReferHead):
                  ignore_index: int = 255,
                  align_corners: bool = False,
                  loss_at: str = 'logits',
+                 no_target_cfg: Optional[dict] = None,
                  init_cfg: Optional[ConfigType] = None) -> None:
         super().__init__(
             in_channels=in_channels,
@@ -235,6 +239,7 @@ class CRISHead(BaseReferHead):
             ignore_index=ignore_index,
             align_corners=align_corners,
             loss_at=loss_at,
+            no_target_cfg=no_target_cfg,
             init_cfg=init_cfg)
         d = self.in_channels
         self.decoder = None
@@ -248,16 +253,21 @@ class CRISHead(BaseReferHead):
             in_channels=d, up_channels=up_channels, channels=channels,
             text_dims=pooled_dims, kernel_size=kernel_size,
             norm_cfg=norm_cfg, act_cfg=act_cfg, align_corners=align_corners)
+        self._build_no_target(d)
 
-    def forward(self, inputs: Union[Tensor, Sequence[Tensor]],
-                text: TextFeatures) -> Tensor:
+    def vl_features(self, inputs: Union[Tensor, Sequence[Tensor]],
+                    text: TextFeatures) -> Tensor:
         """inputs: tuple of B x d x h x w maps, text: TextFeatures (tokens
-        B x L x Ct, mask B x L, pooled B x Cp) -> logits
-        B x 1 x 2^n h x 2^n w."""
+        B x L x Ct, mask B x L, pooled B x Cp) -> V: B x d x h x w after
+        the decoder."""
         x = self._select(inputs)
         self._check_text(x, text, tokens=self.decoder is not None)
         if self.decoder is not None:
             x = self.decoder(x, text)
+        return x
+
+    def mask_logits(self, x: Tensor, text: TextFeatures) -> Tensor:
+        """V: B x d x h x w -> logits B x 1 x 2^n h x 2^n w."""
         x = self.projector.visual(x)
         if self.dropout is not None:
             x = self.dropout(x)

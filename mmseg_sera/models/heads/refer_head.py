@@ -33,6 +33,8 @@ from mmseg.utils import ConfigType, SampleList
 from ..necks.hierarchical_align import add_coord_channels, conv_norm_act
 from ..position import sine_position_1d, sine_position_2d
 from ..structures import TextFeatures
+from .no_target import (NoTargetScorer, check_no_target_cfg, no_target_labels,
+                        no_target_loss)
 
 
 class VLDecoderLayer(nn.Module):
@@ -207,7 +209,19 @@ class BaseReferHead(BaseDecodeHead):
     - input selection (``in_index`` / ``input_transform``) and the checks of
       ``TextFeatures`` against ``text_dims`` / ``pooled_dims``;
     - ``loss`` / ``predict`` with ``text`` added to mmseg's signatures, and
-      :meth:`loss_by_feat` (see :class:`ReferHead` for the loss details).
+      :meth:`loss_by_feat` (see :class:`ReferHead` for the loss details);
+    - the optional no-target output of generalized referring segmentation
+      (``no_target_cfg``, :mod:`.no_target`).
+
+    A subclass implements two steps, which :meth:`forward` chains::
+
+        vl_features(inputs, text) -> V: B x d x h x w   (text-conditioned,
+                                                         input grid)
+        mask_logits(V, text)      -> B x 1 x h' x w'
+
+    and calls :meth:`_build_no_target` at the end of its ``__init__``
+    (built last, the scorer leaves the initial weights of every other
+    layer as they are without it, for a given seed).
 
     Args (beyond :class:`BaseDecodeHead`'s):
         text_dims: width Ct of ``text.tokens``.
@@ -215,6 +229,14 @@ class BaseReferHead(BaseDecodeHead):
         loss_at: where the losses are computed. ``'gt'``: logits bilinearly
             resized to the ground truth. ``'logits'``: the ground truth
             nearest-resized to the logit grid (CRIS/ETRIS/DETRIS).
+        no_target_cfg: None (default) for a head that always answers with
+            a mask, exactly as before the option existed (same parameters,
+            same outputs). A dict turns on the no-target scorer
+            (:class:`~.no_target.NoTargetScorer` on V and the pooled
+            sentence) and its loss ``loss_no_target``; keys (defaults):
+            ``hidden_channels`` (256), ``loss_weight`` (1.0),
+            ``threshold`` (0.5, on sigmoid(score)), ``zero_mask`` (True:
+            a "no target" answer empties the predicted mask).
     """
 
     def __init__(self,
@@ -235,8 +257,11 @@ class BaseReferHead(BaseDecodeHead):
                  ignore_index: int,
                  align_corners: bool,
                  loss_at: str = 'gt',
+                 no_target_cfg: Optional[dict] = None,
                  init_cfg: Optional[ConfigType] = None) -> None:
         self._check_binary(num_classes, out_channels)
+        no_target_cfg = check_no_target_cfg(no_target_cfg,
+                                            type(self).__name__)
         if loss_at not in _LOSS_AT:
             raise ValueError(f'{type(self).__name__}: loss_at must be one of '
                              f'{_LOSS_AT}, got {loss_at!r}')
@@ -263,6 +288,8 @@ class BaseReferHead(BaseDecodeHead):
         self.text_dims = text_dims
         self.pooled_dims = pooled_dims
         self.loss_at = loss_at
+        self.no_target_cfg = no_target_cfg
+        self.no_target = None
 
     @classmethod
     def _check_binary(cls, num_classes: int, out_channels: int) -> None:
@@ -317,16 +344,80 @@ class BaseReferHead(BaseDecodeHead):
                 f'{name}: text.tokens has width '
                 f'{text.tokens.shape[-1]}, text_dims={self.text_dims}')
 
+    def _build_no_target(self, in_channels: int) -> None:
+        """The no-target scorer on V (width ``in_channels``), when
+        ``no_target_cfg`` asks for it; a subclass calls this last."""
+        if self.no_target_cfg is not None:
+            self.no_target = NoTargetScorer(
+                in_channels=in_channels, text_dims=self.pooled_dims,
+                hidden_channels=int(self.no_target_cfg['hidden_channels']))
+
+    @property
+    def predicts_no_target(self) -> bool:
+        """Whether the head has the no-target scorer."""
+        return self.no_target is not None
+
+    @property
+    def no_target_threshold(self) -> float:
+        """The decision ``sigmoid(score) > threshold``."""
+        if self.no_target_cfg is None:
+            # not AttributeError: nn.Module.__getattr__ would hide it
+            raise RuntimeError(f'{type(self).__name__} has no no-target '
+                               'scorer (no_target_cfg is None)')
+        return float(self.no_target_cfg['threshold'])
+
+    def vl_features(self, inputs: Union[Tensor, Sequence[Tensor]],
+                    text: TextFeatures) -> Tensor:
+        """inputs, text -> V: B x d x h x w, the text-conditioned map."""
+        raise NotImplementedError
+
+    def mask_logits(self, x: Tensor, text: TextFeatures) -> Tensor:
+        """V: B x d x h x w, text -> logits B x 1 x h' x w'."""
+        raise NotImplementedError
+
     def forward(self, inputs: Union[Tensor, Sequence[Tensor]],
                 text: TextFeatures) -> Tensor:
-        raise NotImplementedError
+        """inputs, text -> mask logits B x 1 x h' x w' (tensor mode; the
+        no-target score is not computed)."""
+        return self.mask_logits(self.vl_features(inputs, text), text)
+
+    def forward_with_no_target(
+            self, inputs: Union[Tensor, Sequence[Tensor]],
+            text: TextFeatures) -> Tuple[Tensor, Optional[Tensor]]:
+        """(mask logits B x 1 x h' x w', no-target logits B or None
+        without the scorer), from one pass through the head."""
+        x = self.vl_features(inputs, text)
+        logits = self.mask_logits(x, text)
+        if self.no_target is None:
+            return logits, None
+        return logits, self.no_target(x, text.pooled)
 
     def loss(self, inputs: Union[Tensor, Sequence[Tensor]],
              text: TextFeatures, batch_data_samples: SampleList,
              train_cfg: ConfigType) -> dict:
-        """forward -> loss_by_feat; returns ``loss_*`` and ``acc_seg``."""
-        return self.loss_by_feat(self.forward(inputs, text),
-                                 batch_data_samples)
+        """forward -> loss_by_feat; returns ``loss_*`` and ``acc_seg``,
+        with the scorer also ``loss_no_target`` and ``acc_no_target``
+        (:meth:`loss_no_target_by_feat`)."""
+        if self.no_target is None:  # the call path of a plain RES head
+            return self.loss_by_feat(self.forward(inputs, text),
+                                     batch_data_samples)
+        logits, score = self.forward_with_no_target(inputs, text)
+        losses = self.loss_by_feat(logits, batch_data_samples)
+        losses.update(self.loss_no_target_by_feat(score, batch_data_samples))
+        return losses
+
+    def loss_no_target_by_feat(self, scores: Tensor,
+                               batch_data_samples: SampleList) -> dict:
+        """No-target logits B and data samples -> ``loss_no_target``
+        (weighted BCE, :func:`~.no_target.no_target_loss`) and
+        ``acc_no_target``; targets from metainfo ``no_target``, else from
+        an empty ground truth (:func:`~.no_target.no_target_labels`)."""
+        labels = no_target_labels(
+            batch_data_samples, self._stack_batch_gt(batch_data_samples),
+            self.ignore_index)
+        return no_target_loss(
+            scores, labels,
+            loss_weight=float(self.no_target_cfg['loss_weight']))
 
     def predict(self, inputs: Union[Tensor, Sequence[Tensor]],
                 text: TextFeatures, batch_img_metas: List[dict],
@@ -335,6 +426,15 @@ class BaseReferHead(BaseDecodeHead):
         input size (mmseg's ``predict_by_feat``)."""
         return self.predict_by_feat(self.forward(inputs, text),
                                     batch_img_metas)
+
+    def predict_with_no_target(
+            self, inputs: Union[Tensor, Sequence[Tensor]],
+            text: TextFeatures, batch_img_metas: List[dict],
+            test_cfg: ConfigType) -> Tuple[Tensor, Optional[Tensor]]:
+        """:meth:`predict`'s logits and the no-target logits B (None
+        without the scorer), from one pass through the head."""
+        logits, score = self.forward_with_no_target(inputs, text)
+        return self.predict_by_feat(logits, batch_img_metas), score
 
     def _stack_batch_soft(self, batch_data_samples: SampleList,
                           size: Tuple[int, int]) -> Optional[Tensor]:
@@ -550,6 +650,10 @@ class ReferHead(BaseReferHead):
             ``loss_dice``.
         ignore_index: label value ignored by the losses (255).
         align_corners: of every bilinear resize.
+        no_target_cfg: the no-target scorer (generalized referring
+            segmentation), off with None; see :class:`BaseReferHead`. It
+            reads V after coord_conv, the 'neck' refine blocks and the
+            decoder (the stride-14 map, before upsampling).
         init_cfg: mmengine init config (PyTorch default init otherwise).
     """
 
@@ -585,6 +689,7 @@ class ReferHead(BaseReferHead):
                                     Sequence[ConfigType]] = DEFAULT_LOSSES,
                  ignore_index: int = 255,
                  align_corners: bool = False,
+                 no_target_cfg: Optional[dict] = None,
                  init_cfg: Optional[ConfigType] = None) -> None:
         self._check_binary(num_classes, out_channels)
         if in_stride < out_stride:
@@ -606,6 +711,7 @@ class ReferHead(BaseReferHead):
             loss_decode=loss_decode,
             ignore_index=ignore_index,
             align_corners=align_corners,
+            no_target_cfg=no_target_cfg,
             init_cfg=init_cfg)
 
         d = self.in_channels
@@ -667,6 +773,7 @@ class ReferHead(BaseReferHead):
                         f'(in_stride={in_stride}, out_stride={out_stride})')
                 self.refine_up = nn.ModuleList(
                     self._build_refine(refine_cfg, c) for c in widths)
+        self._build_no_target(d)
 
     def _build_refine(self, cfg: ConfigType, channels: int) -> nn.Module:
         cfg = dict(cfg)
@@ -700,11 +807,12 @@ class ReferHead(BaseReferHead):
                            align_corners=self.align_corners,
                            refine=self.refine_up, state=pooled))
 
-    def forward(self, inputs: Union[Tensor, Sequence[Tensor]],
-                text: TextFeatures) -> Tensor:
+    def vl_features(self, inputs: Union[Tensor, Sequence[Tensor]],
+                    text: TextFeatures) -> Tensor:
         """inputs: tuple of B x d x h x w maps (stride ``in_stride``),
         text: TextFeatures (tokens B x L x Ct, mask B x L, pooled B x Cp)
-        -> logits B x 1 x H' x W' (stride ``out_stride``)."""
+        -> V: B x d x h x w after coord_conv, the 'neck' refine blocks and
+        the decoder (each when configured)."""
         x = self._select(inputs)
         self._check_text(x, text, tokens=self.decoder is not None)
         if self.coord_conv is not None:
@@ -713,6 +821,11 @@ class ReferHead(BaseReferHead):
             x = self.refine_in(x, text.pooled)
         if self.decoder is not None:
             x = self.decoder(x, text)
+        return x
+
+    def mask_logits(self, x: Tensor, text: TextFeatures) -> Tensor:
+        """V: B x d x h x w -> logits B x 1 x H' x W' (stride
+        ``out_stride``): upsampling, dropout, dynamic projector."""
         x = self.upsample(x, text.pooled)
         if self.dropout is not None:
             x = self.dropout(x)

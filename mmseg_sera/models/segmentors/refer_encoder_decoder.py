@@ -3,6 +3,7 @@ one binary mask."""
 import inspect
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import torch
 import torch.nn as nn
 from mmengine.structures import PixelData
 from mmseg.models.segmentors.base import BaseSegmentor
@@ -11,6 +12,7 @@ from mmseg.registry import MODELS
 from mmseg.utils import ConfigType, OptConfigType, OptMultiConfig, SampleList
 from torch import Tensor
 
+from ..heads.no_target import NO_TARGET_SCORE_KEY, PRED_NO_TARGET_KEY
 from ..structures import BackboneOutput, NeckOutput, TextFeatures, merge_losses
 
 
@@ -49,21 +51,31 @@ class ReferringEncoderDecoder(BaseSegmentor):
          │   └─ neck(feats, text)            -> NeckOutput (maps, aux losses,
          │                                      routing)
          └─ decode_head.loss(feats, text, data_samples)  loss_mask, loss_dice
+            │                               (+ loss_no_target with the
+            │                                head's no-target scorer)
             + backbone/neck aux losses                    loss_moe_*
 
         predict(inputs, data_samples)               validation / test
          ├─ encode_decode(inputs, metas)  -> B x 1 x H x W logits at the
          │                                   (padded) input size
-         └─ postprocess_result()          -> seg_logits (sigmoid) and
-                                             pred_sem_seg (> threshold) at
-                                             ori_shape, padding removed
+         │  (a head with a no-target scorer:
+         │   decode_head.predict_with_no_target() -> the same logits and
+         │   B no-target logits)
+         ├─ postprocess_result()          -> seg_logits (sigmoid) and
+         │                                   pred_sem_seg (> threshold) at
+         │                                   ori_shape, padding removed
+         └─ mark_no_target()              -> metainfo pred_no_target,
+                                             no_target_score; pred_sem_seg
+                                             all 0 where pred_no_target
 
         _forward(inputs, data_samples)              tensor mode
          └─ extract_feat() -> decode_head.forward()  raw B x 1 x h' x w'
                                                       logits (stride 4)
 
     ``predict`` and ``_forward`` run the same network; ``predict`` only adds
-    resizing and thresholding (``decode_head.threshold``).
+    resizing and thresholding (``decode_head.threshold``) and, with a
+    no-target scorer in the head (``no_target_cfg``), the no-target
+    decision (:meth:`mark_no_target`).
 
     Bridge mode (a backbone with a ``bridge`` adapter, e.g.
     ``ETRISBridger``): the text tower runs inside the backbone's block loop,
@@ -209,8 +221,41 @@ class ReferringEncoderDecoder(BaseSegmentor):
             raise ValueError('predict needs data samples carrying the '
                              'sentences (metainfo["text"])')
         metas = [ds.metainfo for ds in data_samples]
-        logits = self.encode_decode(inputs, metas)
-        return self.postprocess_result(logits, data_samples)
+        if not getattr(self.decode_head, 'predicts_no_target', False):
+            logits = self.encode_decode(inputs, metas)
+            return self.postprocess_result(logits, data_samples)
+        text, _, neck_out = self.extract_feat(inputs, self.texts_of(metas))
+        logits, scores = self.decode_head.predict_with_no_target(
+            neck_out.feats, text, metas, self.test_cfg)
+        return self.mark_no_target(
+            self.postprocess_result(logits, data_samples), scores)
+
+    def mark_no_target(self, data_samples: SampleList,
+                       scores: Tensor) -> SampleList:
+        """The head's no-target decision on the predicted samples.
+
+        With p_b = sigmoid(scores_b) (``scores``: B logits), every sample
+        gets metainfo ``no_target_score`` = p_b (float) and
+        ``pred_no_target`` = p_b > ``decode_head.no_target_threshold``
+        (bool, what ``ReferSegMetric`` reads); where it is true,
+        ``pred_sem_seg`` becomes all zeros ("no target" shows no mask;
+        unless the head's ``no_target_cfg.zero_mask`` is False, as ReLA),
+        while ``seg_logits`` keep the mask probabilities.
+        """
+        threshold = self.decode_head.no_target_threshold
+        zero_mask = bool(self.decode_head.no_target_cfg['zero_mask'])
+        probs = scores.detach().float().sigmoid()
+        flags = probs > threshold
+        # one host read for the whole batch
+        values = torch.stack([probs, flags.float()], dim=1).cpu().tolist()
+        for sample, (p, flag) in zip(data_samples, values):
+            flag = bool(flag)
+            sample.set_metainfo({NO_TARGET_SCORE_KEY: float(p),
+                                 PRED_NO_TARGET_KEY: flag})
+            if flag and zero_mask:
+                pred = sample.pred_sem_seg.data
+                sample.pred_sem_seg = PixelData(data=torch.zeros_like(pred))
+        return data_samples
 
     def _forward(self, inputs: Tensor,
                  data_samples: Optional[SampleList] = None) -> Tensor:

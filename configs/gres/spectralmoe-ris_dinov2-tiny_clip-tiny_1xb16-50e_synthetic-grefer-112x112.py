@@ -1,0 +1,16 @@
+# Tiny SpectralMoE-RIS on the generalized synthetic set: its demo config
+# (SERA's tiny towers, recipe and budget) with the head's no-target scorer
+# and the GRES metric, as the tiny SERA config of this folder does for SERA.
+_base_ = [
+    '../spectralmoe/spectralmoe-ris_dinov2-tiny_clip-tiny_1xb16-50e_'
+    'synthetic-112x112.py',
+    '../_base_/gres.py',
+]
+model = dict(decode_head=dict(no_target_cfg=dict(hidden_channels=64)))
+train_dataloader = dict(dataset={{_base_.gres_synthetic_dataset}})
+val_dataloader = dict(dataset={{_base_.gres_synthetic_dataset}})
+test_dataloader = dict(dataset={{_base_.gres_synthetic_dataset}})
+val_evaluator = {{_base_.gres_synthetic_evaluator}}
+test_evaluator = {{_base_.gres_synthetic_evaluator}}
+# keep the checkpoint with the best GRES score (mIoU ignores 'no target')
+default_hooks = dict(checkpoint=dict(save_best='gIoU'))
