@@ -2,6 +2,8 @@
 import logging
 import os
 import os.path as osp
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -171,3 +173,19 @@ def test_resume_with_nothing_readable_lists_what_it_tried(tmp_path):
     for epoch in (1, 2, 3):
         assert str(tmp_path / f'epoch_{epoch}.pth') in message
     assert 'not a training checkpoint' in message
+
+
+@pytest.mark.parametrize('tool', ['dinov2_to_sera', 'dinov3_to_sera',
+                                  'spectralmoe_to_sera', 'detris_to_sera'])
+def test_converters_name_a_truncated_file(tool, tmp_path):
+    src = tmp_path / 'cut.pth'
+    _save(src, 1)
+    _truncate(src)
+    root = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+    proc = subprocess.run(
+        [sys.executable, f'tools/model_converters/{tool}.py', str(src),
+         str(tmp_path / 'out.pth')], cwd=root, capture_output=True,
+        text=True, timeout=300)
+    assert proc.returncode == 2
+    assert f'error: cannot read checkpoint {src}: ' in proc.stderr
+    assert not (tmp_path / 'out.pth').exists()

@@ -42,6 +42,7 @@ from typing import Dict, Optional
 import torch
 from torch import Tensor
 
+from mmseg_sera.engine.checkpoint import CheckpointError, read_checkpoint
 from mmseg_sera.models.dinov3_checkpoint import dinov3_markers
 from mmseg_sera.models.vit_checkpoint import unwrap_checkpoint
 
@@ -220,10 +221,11 @@ def main(argv=None) -> int:
                         'Depth-Anything style depth network')
     args = parser.parse_args(argv)
     try:
-        ckpt = torch.load(args.src, map_location='cpu', weights_only=True)
-        sd = unwrap_checkpoint(ckpt, args.prefix)
+        sd = unwrap_checkpoint(read_checkpoint(args.src), args.prefix)
         layout = detect_layout(sd) if args.layout == 'auto' else args.layout
         out = convert_dinov2(sd, src=layout)
+    except CheckpointError as err:  # names the file itself
+        parser.error(str(err))
     except (OSError, ValueError) as err:
         parser.error(f'{args.src}: {err}')
     meta = describe(out, layout)

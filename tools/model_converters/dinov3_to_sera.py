@@ -22,6 +22,7 @@ import sys
 
 import torch
 
+from mmseg_sera.engine.checkpoint import CheckpointError, read_checkpoint
 from mmseg_sera.models.dinov3_checkpoint import (LAYOUTS, check_arch,
                                                  convert_dinov3, describe,
                                                  detect_layout)
@@ -32,7 +33,7 @@ def _read(path: str):
     if path.endswith('.safetensors'):
         from safetensors.torch import load_file
         return load_file(path, device='cpu')
-    return torch.load(path, map_location='cpu', weights_only=True)
+    return read_checkpoint(path)
 
 
 def main(argv=None) -> int:
@@ -57,6 +58,8 @@ def main(argv=None) -> int:
         meta = describe(out, layout)
         if args.arch is not None:
             check_arch(meta, args.arch)
+    except CheckpointError as err:  # names the file itself
+        parser.error(str(err))
     except (OSError, ValueError) as err:
         parser.error(f'{args.src}: {err}')
     torch.save(dict(state_dict=out, meta=meta), args.dst)

@@ -21,6 +21,7 @@ import sys
 
 import torch
 
+from mmseg_sera.engine.checkpoint import CheckpointError, read_checkpoint
 from mmseg_sera.models.spectral_moe_checkpoint import (convert_depthmoe,
                                                        released_adapter_cfg,
                                                        unwrap_depthmoe)
@@ -38,10 +39,11 @@ def main(argv=None) -> int:
                         'layer l on block l)')
     args = parser.parse_args(argv)
     try:
-        sd = unwrap_depthmoe(
-            torch.load(args.src, map_location='cpu', weights_only=True))
+        sd = unwrap_depthmoe(read_checkpoint(args.src))
         out = convert_depthmoe(sd, blocks=args.blocks, prefix=args.prefix)
         cfg = released_adapter_cfg(sd)
+    except CheckpointError as err:  # names the file itself
+        parser.error(str(err))
     except (OSError, KeyError, ValueError) as err:
         parser.error(f'{args.src}: {err}')
     torch.save(dict(state_dict=out, meta=dict(adapter_cfg=cfg)), args.dst)
